@@ -21,10 +21,10 @@ from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 from torch import nn
 
 from onnxproxy.graph import clip_bounds
+from onnxproxy.settings import PROVISIONAL_BACKWARD_SLOPE
 
 DOMAIN = "onnxproxy"  # onnx2torch puts the domain into torch module names, which refuse dots
 DOMAIN_VERSION = 1
-PROVISIONAL_BACKWARD_SLOPE = 0.3  # until the benchmarks choose (issue 8)
 RECTIFIER_KINDS = ("relu", "leakyrelu", "prelu", "clip")
 _OP_TYPE = {"Relu": "DualSlopeRelu", "LeakyRelu": "DualSlopeLeakyRelu", "PRelu": "DualSlopePRelu",
             "Clip": "DualSlopeClip"}

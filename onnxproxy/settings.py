@@ -1,0 +1,39 @@
+"""Settings of an activation-maximization run. Free of torch, so the CLI can show defaults fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnxproxy.errors import UserError
+
+PROVISIONAL_BACKWARD_SLOPE = 0.3  # until the benchmarks choose (issue 8)
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class Settings:
+    steps: int = 256
+    lr: float = 0.05
+    optimizer: str = "adam"
+    backward_slope: float = PROVISIONAL_BACKWARD_SLOPE
+    seeds: int = 4
+    seed: int = 0
+    input_range: tuple[float, float] = (-1.0, 1.0)
+    device: str = "cpu"
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+
+    def check(self):
+        if self.steps <= 0:
+            raise UserError(f"--steps must be positive, got {self.steps}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.seeds <= 0:
+            raise UserError(f"--seeds must be positive, got {self.seeds}")
+        low, high = self.input_range
+        if not low < high:
+            raise UserError(f"--input-range LO HI needs LO < HI, got {low} {high}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
