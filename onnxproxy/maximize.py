@@ -5,6 +5,7 @@ validate the winners with onnxruntime on the unchanged model."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,7 @@ class Target:
     node: graph.NodeInfo
     module: torch.nn.Module
     input_shape: list[int]  # without the batch axis
+    shape: list[int]  # of the target tensor for a batch of one, as torch computes it
     rewritten: dict
     after_softmax: bool
 
@@ -32,8 +34,8 @@ class Target:
         return self.node.output
 
     @property
-    def unit_count(self):
-        return self.node.channels if isinstance(self.node.channels, int) else None
+    def unit_count(self) -> int:
+        return self.shape[1] if len(self.shape) >= 2 else 1
 
 
 def resolve_target(model: graph.LoadedModel, spec: str, units_option: str | None):
@@ -56,7 +58,10 @@ def prepare_target(model: graph.LoadedModel, node: graph.NodeInfo, backward_slop
     module = graph.to_torch(proxy_model).to(device)
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    return Target(model, node, module, list(model.input.shape[1:]), dict(rewritten), after_softmax)
+    input_shape = list(model.input.shape[1:])
+    with torch.no_grad():  # shape inference can leave a tensor's shape unknown; torch's answer is the one used
+        shape = list(_first_output(module(torch.zeros([1] + input_shape, device=device))).shape)
+    return Target(model, node, module, input_shape, shape, dict(rewritten), after_softmax)
 
 
 @dataclass
@@ -67,7 +72,7 @@ class Trajectory:
     best_values: np.ndarray
     best_steps: np.ndarray
     initial_values: np.ndarray
-    nonfinite: np.ndarray  # rows stopped because their activation became NaN or infinite
+    stopped: np.ndarray  # rows stopped because their activation became NaN or infinite
     zero_gradient: bool  # the input gradient was exactly zero for every row at the start
 
 
@@ -79,22 +84,26 @@ def starting_inputs(shape: list[int], rows: int, settings: Settings) -> torch.Te
 
 def optimize(target: Target, objective: Objective, row_units: list[int], start: torch.Tensor,
              settings: Settings, backward_slope, progress=None) -> Trajectory:
-    """Gradient ascent from `start` on every row at once. backward_slope None = ordinary gradients."""
+    """Gradient ascent from `start` on every row at once. backward_slope None = ordinary gradients.
+
+    Every forward value is the original network's (the proxy only changes gradients), so the best input
+    per row is kept by it. A row whose activation stops being finite (a NaN gradient leads there in one step)
+    stops, keeping its best value so far; the others go on.
+    """
     proxy.set_backward_slope(target.module, backward_slope)
-    low, high = settings.input_range
     x = start.clone().to(settings.device).requires_grad_(True)
-    rows = x.shape[0]
     optimizer = torch.optim.Adam([x], lr=settings.lr) if settings.optimizer == "adam" else None
+    rows = x.shape[0]
     best_values = torch.full((rows,), -math.inf)
     best_inputs = start.clone()
     best_steps = torch.zeros(rows, dtype=torch.long)
     alive = torch.ones(rows, dtype=torch.bool)
-    initial_values = zero_gradient = None
+    initial_values, zero_gradient = None, False
     for step in range(settings.steps + 1):
         values = objective.values(_first_output(target.module(x)), row_units)
         detached = values.detach().cpu()
         alive &= torch.isfinite(detached)
-        if initial_values is None:
+        if step == 0:
             initial_values = detached.clone()
         improved = alive & (detached > best_values)
         best_values = torch.where(improved, detached, best_values)
@@ -103,20 +112,25 @@ def optimize(target: Target, objective: Objective, row_units: list[int], start: 
         if step == settings.steps or not alive.any():
             break
         (gradient,) = torch.autograd.grad(values[alive.to(values.device)].sum(), x)
-        if zero_gradient is None:
-            zero_gradient = bool((gradient == 0).all())
-        with torch.no_grad():
-            gradient[~alive.to(gradient.device)] = 0
-            if optimizer is None:
-                x += settings.lr * gradient
-            else:
-                x.grad = -gradient
-                optimizer.step()
-            x.clamp_(low, high)
+        if step == 0:
+            zero_gradient = bool((gradient[alive.to(gradient.device)] == 0).all())
+        _step(x, gradient, alive, optimizer, settings)
         if progress is not None:
             progress.update(1)
     return Trajectory(best_inputs.numpy(), best_values.numpy(), best_steps.numpy(), initial_values.numpy(),
-                      (~alive).numpy(), bool(zero_gradient))
+                      (~alive).numpy(), zero_gradient)
+
+
+def _step(x: torch.Tensor, gradient: torch.Tensor, alive: torch.Tensor, optimizer, settings: Settings):
+    """One update of the rows still alive, then the box constraint."""
+    with torch.no_grad():
+        gradient[~alive.to(gradient.device)] = 0
+        if optimizer is None:
+            x += settings.lr * gradient
+        else:
+            x.grad = -gradient
+            optimizer.step()
+        x.clamp_(*settings.input_range)
 
 
 def _first_output(output):
@@ -134,7 +148,8 @@ class UnitResult:
     best_input: np.ndarray = field(repr=False)
     onnxruntime_activation: float | None = None
     validated: bool | None = None
-    status: str = "ok"
+    status: str = "ok"  # ok | stopped (some seeds hit NaN or infinity) | nonfinite (no finite value at all)
+    stopped_seeds: int = 0
 
     @property
     def key(self) -> str:
@@ -144,7 +159,8 @@ class UnitResult:
         return {"unit": self.unit, "method": self.method, "activation": _json_float(self.activation),
                 "onnxruntime_activation": _json_float(self.onnxruntime_activation), "validated": self.validated,
                 "initial_activation": _json_float(self.initial_activation), "best_step": self.best_step,
-                "best_seed": self.seed_index, "status": self.status, "image": f"{self.key}.png", "input": self.key}
+                "best_seed": self.seed_index, "status": self.status, "stopped_seeds": self.stopped_seeds,
+                "image": f"{self.key}.png", "input": self.key}
 
 
 def _json_float(value):
@@ -159,14 +175,11 @@ def best_per_unit(trajectory: Trajectory, units: list[int], seeds: int, method: 
         values = trajectory.best_values[rows]
         seed = int(np.argmax(values))
         row = index * seeds + seed
-        status = "ok"
-        if not np.isfinite(values).any():
-            status = "nonfinite"
-        elif trajectory.nonfinite[rows].any():
-            status = "some seeds stopped: activation became NaN or infinite"
+        stopped_seeds = int(trajectory.stopped[rows].sum())
+        status = "nonfinite" if not np.isfinite(values).any() else "stopped" if stopped_seeds else "ok"
         results.append(UnitResult(unit, method, float(values[seed]), float(trajectory.initial_values[row]),
-                                  int(trajectory.best_steps[row]), seed, trajectory.best_inputs[row]))
-        results[-1].status = status
+                                  int(trajectory.best_steps[row]), seed, trajectory.best_inputs[row],
+                                  status=status, stopped_seeds=stopped_seeds))
     return results
 
 
@@ -185,22 +198,37 @@ def rescore_and_validate(target: Target, objective: Objective, results: list[Uni
                                                    target.tensor)(inputs), units)
     agreement = agree(torch_values, runtime_values, settings.atol, settings.rtol)
     for result, torch_value, runtime_value, ok in zip(scored, torch_values, runtime_values, agreement.validated):
-        result.activation, result.onnxruntime_activation, result.validated = float(torch_value), float(runtime_value), ok
+        result.activation, result.onnxruntime_activation = float(torch_value), float(runtime_value)
+        result.validated = ok
 
 
 def maximize_units(target: Target, objective: Objective, units: list[int], methods: list[str], settings: Settings,
                    progress=None) -> tuple[list[UnitResult], bool]:
     """Every method from the same starting inputs and budget; returns validated results (unit-major, then
-    method) and whether the input gradient was zero everywhere at the start."""
+    method) and whether the input gradient was zero everywhere at the start. Runs on one torch thread."""
     start = starting_inputs(target.input_shape, len(units) * settings.seeds, settings)
     row_units = [unit for unit in units for _ in range(settings.seeds)]
     by_method = {}
     zero_gradient = False
-    for method in methods:
-        slope = settings.backward_slope if method == "proxygrad" else None
-        trajectory = optimize(target, objective, row_units, start, settings, slope, progress)
-        zero_gradient |= trajectory.zero_gradient
-        by_method[method] = best_per_unit(trajectory, units, settings.seeds, method)
-    results = [by_method[method][index] for index in range(len(units)) for method in methods]
-    rescore_and_validate(target, objective, results, settings)
+    with one_torch_thread():
+        for method in methods:
+            slope = settings.backward_slope if method == "proxygrad" else None
+            trajectory = optimize(target, objective, row_units, start, settings, slope, progress)
+            zero_gradient |= trajectory.zero_gradient
+            by_method[method] = best_per_unit(trajectory, units, settings.seeds, method)
+        results = [by_method[method][index] for index in range(len(units)) for method in methods]
+        rescore_and_validate(target, objective, results, settings)
     return results, zero_gradient
+
+
+@contextmanager
+def one_torch_thread():
+    """Our batches are small: on 2 cores shared with other jobs, the default `maximize` ran 3.5x faster on one
+    thread than on torch's default of one per core (its threads spin, waiting for each other), and the numbers
+    no longer depend on the machine's core count. Large models belong on the GPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

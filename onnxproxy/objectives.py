@@ -31,10 +31,9 @@ class Objective:
 
 def choose_objective(kind: str | None, shape: list, position: tuple[int, ...] | None) -> Objective:
     """Default: channel mean for tensors with spatial axes, the unit itself for (N, K) tensors."""
-    rank = len(shape)
-    if rank < 2:
+    if len(shape) < 2:
         raise UserError(f"the target tensor has shape {shape}; it needs a batch and a unit axis")
-    spatial = [size for size in shape[2:]]
+    spatial = shape[2:]
     if kind is None:
         kind = "channel" if spatial else "logit"
     if kind == "logit" and spatial:
@@ -44,38 +43,41 @@ def choose_objective(kind: str | None, shape: list, position: tuple[int, ...] | 
             raise UserError("--position applies only to --objective neuron on a tensor with spatial axes")
         return Objective(kind)
     if position is None:
-        position = tuple(size // 2 if isinstance(size, int) else 0 for size in spatial)  # the centre
+        position = tuple(size // 2 for size in spatial)  # the centre
     if len(position) != len(spatial):
         raise UserError(f"--position needs {len(spatial)} coordinates for shape {shape}")
     for axis, (index, size) in enumerate(zip(position, spatial)):
-        if isinstance(size, int) and not 0 <= index < size:
+        if not 0 <= index < size:
             raise UserError(f"--position coordinate {axis} is {index}; the tensor's size there is {size}")
     return Objective(kind, tuple(position))
 
 
-def parse_units(spec: str | None, count: int | None) -> list[int]:
-    """`12`, `0-15`, `0,3,7`, `all` into unit indices, checked against the unit count."""
+def parse_units(spec: str | None, count: int) -> list[int]:
+    """`12`, `0-15`, `0,3,7`, `all` into unit indices (in the order given, without repeats), checked against
+    the unit count."""
     if spec is None:
         return [0]
     spec = spec.strip()
     if spec == "all":
-        if count is None:
-            raise UserError("units 'all' needs a known unit count; give the units explicitly")
         return list(range(count))
     units = []
+    for part in spec.split(","):
+        units.extend(_unit_range(part, spec))
+    outside = [unit for unit in units if not 0 <= unit < count]
+    if outside:
+        raise UserError(f"unit {outside[0]} is out of range: the target has {count} units (0-{count - 1})")
+    return list(dict.fromkeys(units))
+
+
+def _unit_range(part: str, spec: str) -> range:
+    first, dash, last = part.partition("-")
     try:
-        for part in spec.split(","):
-            first, dash, last = part.partition("-")
-            units.extend(range(int(first), int(last) + 1) if dash else [int(first)])
+        first, last = int(first), int(last) if dash else int(first)
     except ValueError:
         raise UserError(f"units '{spec}': expected N, A-B, A,B,C or all") from None
-    if not units:
-        raise UserError(f"units '{spec}' selects no unit")
-    if count is not None:
-        outside = [unit for unit in units if not 0 <= unit < count]
-        if outside:
-            raise UserError(f"unit {outside[0]} is out of range: the target has {count} units (0-{count - 1})")
-    return list(dict.fromkeys(units))
+    if last < first:
+        raise UserError(f"units '{spec}': the range {part.strip()} is empty (write A-B with A <= B)")
+    return range(first, last + 1)
 
 
 def looks_like_units(text: str) -> bool:

@@ -73,7 +73,7 @@ def maximize(request: Request, warn) -> tuple[dict, Path]:
     out_dir = request.out or _default_out(model, node)
     report.check_out_dir(out_dir, request.force)
     target = prepare_target(model, node, settings.backward_slope, settings.device)
-    objective = choose_objective(request.objective, node.shape, request.position)
+    objective = choose_objective(request.objective, target.shape, request.position)
     units = parse_units(units_spec, target.unit_count)
     _warn_about_target(target, warn)
     methods = ["vanilla", "proxygrad"] if request.method == "compare" else [request.method]
@@ -84,9 +84,7 @@ def maximize(request: Request, warn) -> tuple[dict, Path]:
     if zero_gradient:
         warn("the input gradient is exactly zero everywhere at the start: the optimizer cannot move "
              "(e.g. Sign or step activations); the reported values are those of the starting inputs")
-    for result in results:
-        if result.status != "ok":
-            warn(f"unit {result.unit} ({result.method}): {result.status}")
+    _warn_about_results(results, settings.seeds, warn)
     document = _document(request, model, target, objective, results, settings)
     with report.atomic_dir(out_dir) as folder:
         _write(folder, document, target, results, settings)
@@ -95,26 +93,42 @@ def maximize(request: Request, warn) -> tuple[dict, Path]:
 
 def _warn_about_target(target: Target, warn):
     if target.after_softmax:
-        warn(f"{target.node.name} comes after a Softmax: maximizing a probability; the logit before it "
+        warn(f"{target.node.name} is or comes after a Softmax: maximizing a probability; the logit before it "
              "is usually the better target")
     if not target.rewritten:
         warn("no rectifier before this target: ProxyGrad equals ordinary gradient ascent here")
 
 
+def _warn_about_results(results: list[UnitResult], seeds: int, warn):
+    for result in results:
+        if result.status == "nonfinite":
+            warn(f"unit {result.unit} ({result.method}): the activation is NaN or infinite from the start in "
+                 "every seed; no input is reported for it")
+        elif result.status == "stopped":
+            warn(f"unit {result.unit} ({result.method}): the activation became NaN or infinite in "
+                 f"{result.stopped_seeds} of {seeds} seeds; those stopped there, the best finite value is kept")
+
+
 def _document(request: Request, model, target: Target, objective, results: list[UnitResult], settings) -> dict:
     options = {**asdict(settings), "method": request.method, "objective": objective.kind,
                "position": list(objective.position) if objective.position else None,
-               "input_shapes": request.input_shapes, "input": model.input.name}
+               "input_shapes": request.input_shapes, "input": model.input.name, "versions": versions()}
     document = {
         "model": str(model.path), "node": target.node.name, "tensor": target.tensor, "op_type": target.node.op_type,
-        "tensor_shape": target.node.shape, "objective": objective.kind,
-        "rectifiers_rewritten": target.rewritten, "settings": options, "versions": versions(),
+        "tensor_shape": target.shape, "objective": objective.kind,
+        "rectifiers_rewritten": target.rewritten, "settings": options,
         "results": [result.record() for result in results],
-        "validated": all(result.validated for result in results if result.status != "nonfinite"),
+        "validated": _all_validated(results),
     }
     if request.method == "compare":
         document["comparison"] = comparison(results)
     return document
+
+
+def _all_validated(results: list[UnitResult]) -> bool:
+    """Every finite result agrees with onnxruntime, and there is at least one."""
+    scored = [result.validated for result in results if result.status != "nonfinite"]
+    return bool(scored) and all(scored)
 
 
 def comparison(results: list[UnitResult]) -> list[dict]:
@@ -146,17 +160,16 @@ def summary_lines(document: dict) -> list[str]:
     """The human-readable table printed after a run."""
     lines = [f"{document['node']} ({document['tensor']}), objective {document['objective']}:"]
     for record in document["results"]:
-        value = record["onnxruntime_activation"]
-        shown = "n/a" if value is None else f"{value:10.4f}"
         check = {True: "validated", False: "MISMATCH", None: record["status"]}[record["validated"]]
-        lines.append(f"  unit {record['unit']:4d}  {record['method']:9s}  {shown}  "
+        value = _fmt(record["onnxruntime_activation"])
+        lines.append(f"  unit {record['unit']:4d}  {record['method']:9s}  {value:>10}  "
                      f"(start {_fmt(record['initial_activation'])}, step {record['best_step']})  {check}")
     for row in document.get("comparison", []):
         if row["gain"] is not None:
-            lines.append(f"  unit {row['unit']:4d}  proxygrad - vanilla = {row['gain']:+.4f}")
+            lines.append(f"  unit {row['unit']:4d}  proxygrad - vanilla = {row['gain']:+.4g}")
     return lines
 
 
 def _fmt(value):
-    return "n/a" if value is None else f"{value:.4f}"
+    return "n/a" if value is None else f"{value:.4g}"
 
