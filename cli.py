@@ -3,6 +3,7 @@
 torch and onnx2torch are imported inside the commands that need them, so `--help` stays fast.
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -43,6 +44,40 @@ def _warn(message):
     click.echo(f"Warning: {message}", err=True)
 
 
+def _optimization_options(command):
+    """The optimizer and validation options that maximize and audit share, handed over as one Settings."""
+    options = [
+        click.option("--backward-slope", type=float, default=Settings.backward_slope, show_default=True,
+                     help="Negative slope of the rectifiers in the backward pass (docs/benchmarks.md)."),
+        click.option("--steps", type=int, default=Settings.steps, show_default=True),
+        click.option("--lr", type=float, default=Settings.lr, show_default=True),
+        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=Settings.optimizer,
+                     show_default=True, help="sgd is the paper's update x <- clip(x + lr * grad)."),
+        click.option("--seeds", type=int, default=Settings.seeds, show_default=True,
+                     help="Independent starts per unit."),
+        click.option("--seed", type=int, default=Settings.seed, show_default=True),
+        click.option("--input-range", nargs=2, type=float, default=Settings.input_range, show_default=True,
+                     metavar="LO HI", help="Box constraint on the model's input tensor."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--atol", type=float, default=Settings.atol, show_default=True, help="Validation tolerance."),
+        click.option("--rtol", type=float, default=Settings.rtol, show_default=True, help="Validation tolerance."),
+    ]
+
+    @functools.wraps(command)
+    def with_settings(*args, backward_slope, steps, lr, optimizer, seeds, seed, input_range, device, atol, rtol,
+                      **kwargs):
+        from onnxproxy.run import resolve_device
+
+        settings = Settings(steps=steps, lr=lr, optimizer=optimizer, backward_slope=backward_slope, seeds=seeds,
+                            seed=seed, input_range=tuple(input_range), device=resolve_device(device),
+                            atol=atol, rtol=rtol)
+        return command(*args, settings=settings, **kwargs)
+
+    for option in reversed(options):
+        with_settings = option(with_settings)
+    return with_settings
+
+
 @main.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--node", help="Show only this node (the addressing every command's --node uses).")
@@ -69,26 +104,14 @@ def inspect_command(model, node, as_json, input_shapes, input_name):
 @click.option("--position", help="Y,X of the neuron for --objective neuron (default: the centre).")
 @click.option("--method", type=click.Choice(["proxygrad", "vanilla", "compare"]), default="proxygrad",
               show_default=True, help="compare runs both from the same starts and budget.")
-@click.option("--backward-slope", type=float, default=Settings.backward_slope, show_default=True,
-              help="Negative slope of the rectifiers in the backward pass (provisional default).")
-@click.option("--steps", type=int, default=Settings.steps, show_default=True)
-@click.option("--lr", type=float, default=Settings.lr, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=Settings.optimizer, show_default=True,
-              help="sgd is the paper's update x <- clip(x + lr * grad).")
-@click.option("--seeds", type=int, default=Settings.seeds, show_default=True, help="Independent starts per unit.")
-@click.option("--seed", type=int, default=Settings.seed, show_default=True)
-@click.option("--input-range", nargs=2, type=float, default=Settings.input_range, show_default=True,
-              metavar="LO HI", help="Box constraint on the model's input tensor.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--atol", type=float, default=Settings.atol, show_default=True, help="Validation tolerance.")
-@click.option("--rtol", type=float, default=Settings.rtol, show_default=True, help="Validation tolerance.")
+@_optimization_options
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder [default: runs/MODEL-NODE-TIME].")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_input_options
-def maximize(model, node, units, objective, position, method, backward_slope, steps, lr, optimizer, seeds, seed,
-             input_range, device, atol, rtol, out, force, as_json, quiet, input_shapes, input_name):
+def maximize(model, node, units, objective, position, method, settings, out, force, as_json, quiet, input_shapes,
+             input_name):
     """Find inputs that drive units of MODEL highest, with ProxyGrad, validated by onnxruntime.
 
     MODEL defaults to the embedded digits CNN (models/digits_cnn.onnx).
@@ -96,9 +119,6 @@ def maximize(model, node, units, objective, position, method, backward_slope, st
     from onnxproxy import run
     from onnxproxy.graph import parse_input_shape
 
-    settings = Settings(steps=steps, lr=lr, optimizer=optimizer, backward_slope=backward_slope, seeds=seeds,
-                        seed=seed, input_range=tuple(input_range), device=run.resolve_device(device),
-                        atol=atol, rtol=rtol)
     request = run.Request(model, node, units, objective, _parse_position(position), method, settings, out, force,
                           quiet, parse_input_shape(input_shapes), input_name)
     document, folder = run.maximize(request, _warn)
@@ -223,26 +243,15 @@ def train(model, data, test_data, node, reinit, epochs, batch_size, lr, optimize
 @click.option("--units-per-node", default="8", show_default=True, metavar="K|all",
               help="K units spread evenly over each node, or all of them.")
 @click.option("--methods", default="vanilla,proxygrad", show_default=True, help="Both run from the same starts.")
-@click.option("--backward-slope", type=float, default=Settings.backward_slope, show_default=True,
-              help="Negative slope of the rectifiers in the backward pass (provisional default).")
-@click.option("--steps", type=int, default=Settings.steps, show_default=True)
-@click.option("--lr", type=float, default=Settings.lr, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=Settings.optimizer, show_default=True)
-@click.option("--seeds", type=int, default=Settings.seeds, show_default=True, help="Independent starts per unit.")
-@click.option("--seed", type=int, default=Settings.seed, show_default=True)
-@click.option("--input-range", nargs=2, type=float, default=Settings.input_range, show_default=True,
-              metavar="LO HI", help="Box constraint on the model's input tensor.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--atol", type=float, default=Settings.atol, show_default=True, help="Validation tolerance.")
-@click.option("--rtol", type=float, default=Settings.rtol, show_default=True, help="Validation tolerance.")
+@_optimization_options
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes running units in parallel.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder [default: runs/MODEL-audit-TIME].")
 @click.option("--resume", is_flag=True, help="Continue the audit in --out, skipping the units it finished.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_input_options
-def audit(model, nodes, units_per_node, methods, backward_slope, steps, lr, optimizer, seeds, seed, input_range,
-          device, atol, rtol, workers, out, resume, force, quiet, input_shapes, input_name):
+def audit(model, nodes, units_per_node, methods, settings, workers, out, resume, force, quiet, input_shapes,
+          input_name):
     """Maximize a sample of units of every layer of MODEL with vanilla gradient ascent and with ProxyGrad, and
     report per layer how high each gets, where ProxyGrad is higher and which units are dead.
 
@@ -250,12 +259,8 @@ def audit(model, nodes, units_per_node, methods, backward_slope, steps, lr, opti
     disagrees with torch somewhere, 2 usage error, 130 interrupted (rerun with --resume).
     """
     from onnxproxy import audit as auditing
-    from onnxproxy import run
     from onnxproxy.graph import parse_input_shape
 
-    settings = Settings(steps=steps, lr=lr, optimizer=optimizer, backward_slope=backward_slope, seeds=seeds,
-                        seed=seed, input_range=tuple(input_range), device=run.resolve_device(device),
-                        atol=atol, rtol=rtol)
     request = auditing.AuditRequest(model, nodes, units_per_node, methods, settings, workers, out, resume, force,
                                     quiet, parse_input_shape(input_shapes), input_name)
     document, folder = auditing.run_audit(request, _warn)

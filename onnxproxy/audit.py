@@ -30,8 +30,7 @@ from tqdm import tqdm
 
 from onnxproxy import audit_report, graph, report, run
 from onnxproxy.errors import UserError
-from onnxproxy.maximize import (Target, UnitResult, best_per_unit, optimize, prepare_target, rescore_and_validate,
-                                starting_inputs)
+from onnxproxy.maximize import Target, UnitResult, maximize_units, prepare_target, starting_inputs
 from onnxproxy.objectives import Objective, choose_objective
 from onnxproxy.settings import Settings
 from onnxproxy.validate import exposing, session
@@ -166,22 +165,11 @@ def unit_seed(seed: int, tensor: str, unit: int) -> int:
 
 def maximize_batch(target: Target, batch: Batch, methods: list[str],
                    settings: Settings) -> tuple[list[UnitResult], bool]:
-    """As maximize.maximize_units (every method from the same starts, validated), but each unit starts from its
-    own seeded inputs."""
-    seeds = settings.seeds
-    start = torch.cat([starting_inputs(target.input_shape, seeds,
+    """maximize_units, with each unit starting from its own seeded inputs."""
+    start = torch.cat([starting_inputs(target.input_shape, settings.seeds,
                                        replace(settings, seed=unit_seed(settings.seed, batch.tensor, unit)))
                        for unit in batch.units])
-    row_units = [unit for unit in batch.units for _ in range(seeds)]
-    by_method, zero_gradient = {}, False
-    for method in methods:
-        slope = settings.backward_slope if method == "proxygrad" else None
-        trajectory = optimize(target, batch.objective, row_units, start, settings, slope)
-        zero_gradient |= trajectory.zero_gradient
-        by_method[method] = best_per_unit(trajectory, list(batch.units), seeds, method)
-    results = [by_method[method][index] for index in range(len(batch.units)) for method in methods]
-    rescore_and_validate(target, batch.objective, results, settings)
-    return results, zero_gradient
+    return maximize_units(target, batch.objective, list(batch.units), methods, settings, start=start)
 
 
 def journal_entries(target: Target, batch: Batch, results: list[UnitResult], zero_gradient: bool) -> list[dict]:
@@ -204,8 +192,7 @@ def journal_entries(target: Target, batch: Batch, results: list[UnitResult], zer
 
 def node_folder(node: graph.NodeInfo) -> str:
     """A folder name per node: its graph position keeps names unique after unsafe characters are replaced."""
-    safe = "".join(char if char.isalnum() or char in "-_." else "_" for char in node.name)
-    return f"{node.index:03d}_{safe}"
+    return f"{node.index:03d}_{report.safe_name(node.name)}"
 
 
 def _encode(array: np.ndarray) -> dict:
@@ -313,22 +300,9 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- running
 
 
-@contextmanager
-def _one_torch_thread():
-    """Every batch runs on one thread whatever --workers is, so the thread count cannot change the numbers;
-    for these small batches one thread is also the fastest on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _run_here(auditor: BatchAuditor, batches: list[Batch]):
-    with _one_torch_thread():
-        for batch in batches:
-            yield batch, auditor(batch)
+    for batch in batches:
+        yield batch, auditor(batch)
 
 
 _worker_auditor: BatchAuditor | None = None

@@ -359,7 +359,7 @@ def run_checks(path: Path, options: CheckOptions) -> Report:
     report.checks.append(rectifier_check)
     producers, finals = _producers(model.repaired), _final_outputs(model.repaired)
     exposed = [name for name in producers if name in tensors or name in finals]
-    module = _convert(_typed_exposing(model.repaired, exposed), "convert", report)
+    module = _convert(exposing(model.repaired, exposed), "convert", report)
     runtime_values = _run(report, "onnxruntime", "the unchanged model in onnxruntime",
                           lambda: _runtime_runner(model.original, model.input.name, exposed), inputs, rows_per_run)
     if module is None or runtime_values is None:
@@ -401,17 +401,6 @@ def _rectifier_check(model: LoadedModel) -> tuple[onnx.ModelProto, Check]:
     left = [node.name for node in rectifiers if proxy_model.graph.node[node.index].domain != DOMAIN]
     return proxy_model, Check("rectifiers rewritten", False,
                               f"{count} of {len(rectifiers)} rewritten; not rewritten: {', '.join(left)}")
-
-
-def _typed_exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """`exposing`, keeping each tensor's inferred type and shape: onnx2torch's pooling and BatchNorm converters
-    read the rank of their input from it."""
-    exposed = exposing(model, tensors)
-    inferred = {value.name: value for value in exposed.graph.value_info}
-    for value in exposed.graph.output:
-        if value.name in inferred:
-            value.CopyFrom(inferred[value.name])
-    return exposed
 
 
 def _convert(model: onnx.ModelProto, name: str, report: Report):

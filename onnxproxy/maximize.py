@@ -203,10 +203,12 @@ def rescore_and_validate(target: Target, objective: Objective, results: list[Uni
 
 
 def maximize_units(target: Target, objective: Objective, units: list[int], methods: list[str], settings: Settings,
-                   progress=None) -> tuple[list[UnitResult], bool]:
-    """Every method from the same starting inputs and budget; returns validated results (unit-major, then
-    method) and whether the input gradient was zero everywhere at the start. Runs on one torch thread."""
-    start = starting_inputs(target.input_shape, len(units) * settings.seeds, settings)
+                   progress=None, start: torch.Tensor | None = None) -> tuple[list[UnitResult], bool]:
+    """Every method from the same starting inputs (`start`, one row per unit and seed, unit-major; drawn from
+    settings.seed when None) and budget; returns validated results (unit-major, then method) and whether the
+    input gradient was zero everywhere at the start. Runs on one torch thread."""
+    if start is None:
+        start = starting_inputs(target.input_shape, len(units) * settings.seeds, settings)
     row_units = [unit for unit in units for _ in range(settings.seeds)]
     by_method = {}
     zero_gradient = False

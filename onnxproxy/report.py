@@ -19,6 +19,11 @@ from onnxproxy.errors import UserError
 VIEW_SIZE = 128  # small inputs are upscaled (nearest neighbour) to at least this many pixels for viewing
 
 
+def safe_name(text: str) -> str:
+    """`text` usable as a file or folder name: characters other than letters, digits, '-', '_', '.' become '_'."""
+    return "".join(char if char.isalnum() or char in "-_." else "_" for char in text)
+
+
 def check_out_dir(out_dir: Path, force: bool):
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise UserError(f"{out_dir} exists and is not empty; choose another --out or pass --force")

@@ -42,8 +42,7 @@ def versions() -> dict:
 
 
 def _default_out(model: graph.LoadedModel, node: graph.NodeInfo) -> Path:
-    safe_node = "".join(char if char.isalnum() or char in "-_" else "_" for char in node.name)
-    return Path("runs") / f"{model.name}-{safe_node}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{model.name}-{report.safe_name(node.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def resolve_device(device: str) -> str:

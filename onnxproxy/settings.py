@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from onnxproxy.errors import UserError
@@ -28,8 +29,13 @@ class Settings:
     def check(self):
         if self.steps <= 0:
             raise UserError(f"--steps must be positive, got {self.steps}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise UserError(f"--lr must be positive and finite, got {self.lr}")
+        if not math.isfinite(self.backward_slope):
+            raise UserError(f"--backward-slope must be finite, got {self.backward_slope}")
+        for name, tolerance in (("--atol", self.atol), ("--rtol", self.rtol)):
+            if not 0 <= tolerance < math.inf:
+                raise UserError(f"{name} must be zero or positive and finite, got {tolerance}")
         if self.seeds <= 0:
             raise UserError(f"--seeds must be positive, got {self.seeds}")
         low, high = self.input_range

@@ -12,10 +12,12 @@ from onnxproxy.settings import DEFAULT_ATOL, DEFAULT_RTOL
 
 
 def exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of `model` whose graph outputs are exactly `tensors` (intermediate ones appended)."""
+    """A copy of `model` whose graph outputs are exactly `tensors` (intermediate ones appended), each with
+    its inferred type and shape where the model has one: onnx2torch's pooling and BatchNorm converters read
+    the rank of their input from it."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
-    known = {value.name: value for value in exposed.graph.output}
+    known = {value.name: value for value in list(exposed.graph.value_info) + list(exposed.graph.output)}
     del exposed.graph.output[:]
     for name in tensors:
         exposed.graph.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
