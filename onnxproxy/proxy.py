@@ -10,7 +10,11 @@ onnxruntime and Netron run and show the proxy model), the torch autograd functio
 
 from __future__ import annotations
 
+import math
+import os
+import uuid
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,6 +24,7 @@ from onnx2torch.node_converters.registry import add_converter
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 from torch import nn
 
+from onnxproxy.errors import UserError
 from onnxproxy.graph import clip_bounds
 from onnxproxy.settings import PROVISIONAL_BACKWARD_SLOPE
 
@@ -52,13 +57,33 @@ def _functions(opset: int) -> list:
     ]
 
 
+def check_rectifier_kinds(kinds) -> tuple[str, ...]:
+    """The kinds as a tuple, or ValueError naming the unknown ones."""
+    kinds = tuple(kinds)
+    unknown = sorted(set(kinds) - set(RECTIFIER_KINDS))
+    if unknown:
+        raise ValueError(f"unknown rectifier kinds {', '.join(unknown)}; choose from {', '.join(RECTIFIER_KINDS)}")
+    return kinds
+
+
+def _clip_max_name(node) -> str:
+    return node.input[2] if len(node.input) > 2 else ""
+
+
 def _selected(node, kinds, initializers) -> bool:
+    """A rectifier of a selected kind whose slope and bounds are constants, as the torch converter needs."""
     if node.op_type not in _OP_TYPE or node.op_type.lower() not in kinds or node.domain not in ("", "ai.onnx"):
         return False
+    if node.op_type == "PRelu":
+        return node.input[1] in initializers
     if node.op_type == "Clip":
-        lower, _ = clip_bounds(node, initializers)
-        return lower == 0.0 and len(node.input) > 1 and bool(node.input[1])
+        lower, upper = clip_bounds(node, initializers)
+        return lower == 0.0 and (upper is not None or not _clip_max_name(node))
     return True
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def build_proxy(model: onnx.ModelProto, backward_slope: float = PROVISIONAL_BACKWARD_SLOPE,
@@ -67,39 +92,64 @@ def build_proxy(model: onnx.ModelProto, backward_slope: float = PROVISIONAL_BACK
 
     Returns the proxy model and how many nodes of each original op type were rewritten.
     """
-    unknown = set(rectifiers) - set(RECTIFIER_KINDS)
-    if unknown:
-        raise ValueError(f"unknown rectifier kinds {sorted(unknown)}; choose from {', '.join(RECTIFIER_KINDS)}")
+    rectifiers = check_rectifier_kinds(rectifiers)
+    if not math.isfinite(backward_slope):
+        raise UserError(f"--backward-slope must be finite, got {backward_slope}")
+    if _default_opset(model) < 11:  # Clip's bounds are attributes before opset 11; repair the model first
+        raise ValueError(f"build_proxy needs opset >= 11, got {_default_opset(model)}")
     proxy = onnx.ModelProto()
     proxy.CopyFrom(model)
     initializers = {tensor.name: tensor for tensor in proxy.graph.initializer}
     rewritten = Counter()
     for node in proxy.graph.node:
-        if not _selected(node, rectifiers, initializers):
-            continue
-        rewritten[node.op_type] += 1
-        kept = [attribute for attribute in node.attribute if attribute.name == "alpha"]
-        if node.op_type == "LeakyRelu" and not kept:
-            kept = [helper.make_attribute("alpha", 0.01)]
-        del node.attribute[:]
-        node.attribute.extend(kept + [helper.make_attribute("backward_slope", float(backward_slope))])
-        if node.op_type == "Clip" and len(node.input) == 2:
-            node.input.append(_infinite_upper_bound(proxy, node))
-        node.op_type = _OP_TYPE[node.op_type]
-        node.domain = DOMAIN
-    if rewritten:
-        opset = next(entry.version for entry in proxy.opset_import if entry.domain in ("", "ai.onnx"))
+        if _selected(node, rectifiers, initializers):
+            rewritten[node.op_type] += 1
+            _rewrite(node, backward_slope, proxy, initializers)
+    if rewritten and DOMAIN not in {entry.domain for entry in proxy.opset_import}:
         proxy.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-        proxy.functions.extend(_functions(opset))
+        proxy.functions.extend(_functions(_default_opset(proxy)))
+        proxy.ir_version = max(proxy.ir_version, 8)  # model-local functions exist from IR version 8 on
     return proxy, rewritten
 
 
-def _infinite_upper_bound(model, node) -> str:
+def _rewrite(node, backward_slope: float, proxy: onnx.ModelProto, initializers: dict) -> None:
+    kept = [attribute for attribute in node.attribute if attribute.name == "alpha"]
+    if node.op_type == "LeakyRelu" and not kept:
+        kept = [helper.make_attribute("alpha", 0.01)]
+    del node.attribute[:]
+    node.attribute.extend(kept + [helper.make_attribute("backward_slope", float(backward_slope))])
+    if node.op_type == "Clip" and not _clip_max_name(node):
+        del node.input[2:]
+        node.input.append(_infinite_upper_bound(proxy, node, initializers))
+    node.op_type = _OP_TYPE[node.op_type]
+    node.domain = DOMAIN
+
+
+def _infinite_upper_bound(model, node, initializers) -> str:
     """Clip(X, min) as Clip(X, min, +inf), so that one function signature covers both."""
-    lower = next(tensor for tensor in model.graph.initializer if tensor.name == node.input[1])
-    name = f"{node.name}_upper_bound"
-    model.graph.initializer.append(numpy_helper.from_array(np.full_like(numpy_helper.to_array(lower), np.inf), name))
+    lower = numpy_helper.to_array(initializers[node.input[1]])
+    name = f"{node.output[0]}_dual_slope_max"  # tensor names are unique; node names may be empty
+    model.graph.initializer.append(numpy_helper.from_array(np.full_like(lower, np.inf), name))
     return name
+
+
+def save_proxy(model: onnx.ModelProto, path) -> None:
+    """Check the proxy model with onnx.checker, then write it atomically: a temporary file in the same folder
+    replaces `path` only once complete, so an interrupted run never leaves a truncated model behind."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise UserError(f"the proxy model fails onnx.checker: {error}", exit_code=1) from None
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: folder {path.parent} does not exist")
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        onnx.save(model, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def count_dual_slope_nodes(model: onnx.ModelProto) -> int:
@@ -110,7 +160,7 @@ def count_dual_slope_nodes(model: onnx.ModelProto) -> int:
 
 
 class DualSlopeFunction(torch.autograd.Function):
-    """y = the original rectifier of x; dy/dx = 1 for x > 0, the backward slope for x <= 0, 0 above `upper`.
+    """y = the original rectifier of x; dy/dx = 1 for x > 0, the backward slope for x <= 0, 0 from `upper` on.
 
     x = 0 takes the negative side, as torch's own relu does, so that backward slope = forward slope
     reproduces ordinary autograd exactly.
@@ -135,15 +185,22 @@ class DualSlopeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, slope_tensor = ctx.saved_tensors
-        positive = x > 0
-        local_slope = torch.where(positive, torch.ones_like(x), ctx.backward_slope * torch.ones_like(x))
+        grad_x = _negative_side_scaled(grad_output, x, ctx.backward_slope)
         if ctx.upper is not None:
-            local_slope = torch.where(x > ctx.upper, torch.zeros_like(x), local_slope)
-        grad_x = grad_output * local_slope
+            # zero at the bound itself too, as torch's ReLU6 (hardtanh), the module onnx2torch makes of Clip(0, 6)
+            grad_x = grad_x.masked_fill(x >= ctx.upper, 0.0)
         grad_slope = None
         if slope_tensor is not None and ctx.needs_input_grad[1]:
-            grad_slope = _sum_to_shape(grad_output * torch.where(x >= 0, torch.zeros_like(x), x), slope_tensor.shape)
+            grad_slope = _sum_to_shape(grad_output * torch.where(x >= 0, 0.0, x), slope_tensor.shape)
         return grad_x, grad_slope, None, None
+
+
+def _negative_side_scaled(grad_output: torch.Tensor, x: torch.Tensor, slope) -> torch.Tensor:
+    """grad_output where x > 0, grad_output * slope where x <= 0."""
+    if isinstance(slope, torch.Tensor):
+        return torch.where(x > 0, grad_output, grad_output * slope)
+    # leaky_relu's own backward kernel computes exactly this in one pass, without temporary tensors
+    return torch.ops.aten.leaky_relu_backward(grad_output, x, slope, False)
 
 
 def _sum_to_shape(tensor: torch.Tensor, shape) -> torch.Tensor:
@@ -186,8 +243,13 @@ def set_backward_slope(module: nn.Module, slope) -> int:
     `slope` is a float, None (the forward slope: ordinary gradients), or a dict {ONNX node name: float|None}
     for per-layer slopes (layers not named keep theirs). Returns how many ops were changed.
     """
+    ops = dual_slope_modules(module)
+    if isinstance(slope, dict):
+        unknown = sorted(set(slope) - {op.node_name for op in ops})
+        if unknown:
+            raise ValueError(f"no dual-slope op for the nodes {', '.join(unknown)}")
     changed = 0
-    for op in dual_slope_modules(module):
+    for op in ops:
         if isinstance(slope, dict):
             if op.node_name not in slope:
                 continue
@@ -215,6 +277,7 @@ def _converter(op_type):
         else:
             forward_slope = 0.0
             upper = float(_constant(graph, node.input_values[2]))
+            upper = None if upper == math.inf else upper  # Clip(min=0) without max is Relu
         module = DualSlope(node.name, op_type, forward_slope, backward_slope, upper)
         return OperationConverterResult(module, OnnxMapping(inputs=node.input_values[:1], outputs=node.output_values))
 
