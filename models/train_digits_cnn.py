@@ -1,9 +1,10 @@
 """Train the embedded default classifier: a small CNN on scikit-learn's digits, exported to ONNX.
 
-    python models/train_digits_cnn.py [--write-data DIR]
+    python models/train_digits_cnn.py                  # retrain the model
+    python models/train_digits_cnn.py --data-only DIR  # only write the data, for `onnxproxy train`
 
-Writes models/digits_cnn.onnx and models/digits_heldout.npz (the held-out 20 %, preprocessed);
-with --write-data also DIR/digits_train.npz and DIR/digits_test.npz. See models/README.md.
+Writes models/digits_cnn.onnx and models/digits_heldout.npz (the held-out 20 %, preprocessed); with
+--data-only, DIR/digits_train.npz and DIR/digits_test.npz instead. See models/README.md.
 """
 
 import argparse
@@ -139,8 +140,8 @@ def save_split(path, x, y):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write-data", type=Path, metavar="DIR",
-                        help="also write DIR/digits_train.npz and DIR/digits_test.npz")
+    parser.add_argument("--data-only", type=Path, metavar="DIR",
+                        help="write DIR/digits_train.npz and DIR/digits_test.npz, without training")
     args = parser.parse_args()
 
     digits = load_digits()
@@ -148,6 +149,12 @@ def main():
         preprocess(digits.images), digits.target.astype(np.int64),
         test_size=0.2, stratify=digits.target, random_state=SEED,
     )
+    if args.data_only:
+        args.data_only.mkdir(parents=True, exist_ok=True)
+        save_split(args.data_only / "digits_train.npz", x_train, y_train)
+        save_split(args.data_only / "digits_test.npz", x_test, y_test)
+        print(f"wrote digits_train.npz and digits_test.npz to {args.data_only}")
+        return
     start = time.perf_counter()
     model = train(x_train, y_train)
     seconds = time.perf_counter() - start
@@ -161,11 +168,6 @@ def main():
     heldout = HERE / "digits_heldout.npz"
     save_split(heldout, x_test, y_test)
     print(f"wrote {heldout} ({heldout.stat().st_size} bytes)")
-    if args.write_data:
-        args.write_data.mkdir(parents=True, exist_ok=True)
-        save_split(args.write_data / "digits_train.npz", x_train, y_train)
-        save_split(args.write_data / "digits_test.npz", x_test, y_test)
-        print(f"wrote digits_train.npz and digits_test.npz to {args.write_data}")
 
 
 if __name__ == "__main__":
