@@ -12,7 +12,7 @@ import click
 
 from onnxproxy import __version__
 from onnxproxy.errors import UserError
-from onnxproxy.settings import Settings
+from onnxproxy.settings import METHODS, SLOPE_SCHEDULES, Settings
 
 
 class _Group(click.Group):
@@ -48,7 +48,10 @@ def _optimization_options(command):
     """The optimizer and validation options that maximize and audit share, handed over as one Settings."""
     options = [
         click.option("--backward-slope", type=float, default=Settings.backward_slope, show_default=True,
-                     help="Negative slope of the rectifiers in the backward pass (docs/benchmarks.md)."),
+                     help="Negative slope of the rectifiers in ProxyGrad's backward pass."),
+        click.option("--slope-schedule", type=click.Choice(SLOPE_SCHEDULES), default=Settings.slope_schedule,
+                     show_default=True, help="decay: linear to the forward slope by mid-run, then ordinary "
+                                             "gradients. Defaults chosen by benchmark: docs/benchmarks.md."),
         click.option("--steps", type=int, default=Settings.steps, show_default=True),
         click.option("--lr", type=float, default=Settings.lr, show_default=True),
         click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=Settings.optimizer,
@@ -64,13 +67,13 @@ def _optimization_options(command):
     ]
 
     @functools.wraps(command)
-    def with_settings(*args, backward_slope, steps, lr, optimizer, seeds, seed, input_range, device, atol, rtol,
-                      **kwargs):
+    def with_settings(*args, backward_slope, slope_schedule, steps, lr, optimizer, seeds, seed, input_range, device,
+                      atol, rtol, **kwargs):
         from onnxproxy.run import resolve_device
 
-        settings = Settings(steps=steps, lr=lr, optimizer=optimizer, backward_slope=backward_slope, seeds=seeds,
-                            seed=seed, input_range=tuple(input_range), device=resolve_device(device),
-                            atol=atol, rtol=rtol)
+        settings = Settings(steps=steps, lr=lr, optimizer=optimizer, backward_slope=backward_slope,
+                            slope_schedule=slope_schedule, seeds=seeds, seed=seed, input_range=tuple(input_range),
+                            device=resolve_device(device), atol=atol, rtol=rtol)
         return command(*args, settings=settings, **kwargs)
 
     for option in reversed(options):
@@ -102,8 +105,9 @@ def inspect_command(model, node, as_json, input_shapes, input_name):
 @click.option("--objective", type=click.Choice(["channel", "neuron", "logit"]),
               help="channel mean (default for 4-D), one neuron (--position), or the unit of a (N, K) tensor.")
 @click.option("--position", help="Y,X of the neuron for --objective neuron (default: the centre).")
-@click.option("--method", type=click.Choice(["proxygrad", "vanilla", "compare"]), default="proxygrad",
-              show_default=True, help="compare runs both from the same starts and budget.")
+@click.option("--method", type=click.Choice([*METHODS, "compare"]), default=METHODS[0], show_default=True,
+              help="portfolio: half the seeds vanilla, half ProxyGrad, the best kept (the benchmarks' winner); "
+                   "compare: vanilla and proxygrad side by side from the same starts and budget.")
 @_optimization_options
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder [default: runs/MODEL-NODE-TIME].")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")

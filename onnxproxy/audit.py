@@ -36,7 +36,6 @@ from onnxproxy.settings import Settings
 from onnxproxy.validate import exposing, session
 
 METHODS = ("vanilla", "proxygrad")
-SOFTMAX_OPS = ("Softmax", "LogSoftmax")
 UNITS_PER_BATCH = 4  # 4 units x 4 seeds in one batch ran ~3x faster per unit than one unit at a time
 JOURNAL = "units.jsonl"
 JOURNAL_FORMAT = 1
@@ -64,19 +63,19 @@ class AuditRequest:
 def default_nodes(model: graph.LoadedModel) -> list[graph.NodeInfo]:
     """The pre-activation of every rectifier (the node producing its input) and the logits, in graph order."""
     producers = {node.output: node for node in model.nodes}
-    first_inputs = {proto.output[0]: proto.input[0] for proto in model.original.graph.node if proto.input}
-    chosen = [producers.get(first_inputs.get(node.output)) for node in model.nodes if node.rectifier]
-    logits = producers.get(model.outputs[0].name)
-    if logits is not None and logits.op_type in SOFTMAX_OPS:
-        logits = producers.get(first_inputs[logits.output])
-    return _unique_in_graph_order(chosen + [logits])
+    chosen = [producers.get(node.inputs[0]) for node in model.nodes if node.rectifier]
+    try:
+        chosen.append(graph.logits_node(model))
+    except UserError:  # the model's output is no node's: audit the pre-activations alone
+        pass
+    return _unique_in_graph_order(chosen)
 
 
 def choose_nodes(model: graph.LoadedModel, spec: str | None) -> list[graph.NodeInfo]:
     if spec is None:
         return default_nodes(model)
     parts = [part.strip() for part in spec.split(",") if part.strip()]
-    nodes = _unique_in_graph_order([graph.resolve_node(model, part) for part in parts])
+    nodes = _unique_in_graph_order([graph.resolve_node(model, part, "--nodes") for part in parts])
     if not nodes:
         raise UserError(f"--nodes '{spec}' names no node")
     return nodes

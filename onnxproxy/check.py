@@ -320,10 +320,7 @@ def resolve_tensor(model: LoadedModel, name: str, option: str) -> str:
     """A tensor name as is, else a node (by the `--node` rules) standing for its first output."""
     if name in _producers(model.repaired):
         return name
-    try:
-        return resolve_node(model, name).output
-    except UserError as error:
-        raise UserError(str(error).replace("--node", option, 1)) from None
+    return resolve_node(model, name, option).output
 
 
 def tensor_tolerances(model: LoadedModel, specs) -> dict[str, float]:

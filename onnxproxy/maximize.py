@@ -53,7 +53,7 @@ def resolve_target(model: graph.LoadedModel, spec: str, units_option: str | None
 
 def prepare_target(model: graph.LoadedModel, node: graph.NodeInfo, backward_slope: float, device: str) -> Target:
     cut = graph.cut_at(model.repaired, model.input.name, node.output)
-    after_softmax = any(n.op_type in ("Softmax", "LogSoftmax") for n in cut.graph.node)
+    after_softmax = any(n.op_type in graph.SOFTMAX_OPS for n in cut.graph.node)
     proxy_model, rewritten = proxy.build_proxy(cut, backward_slope)
     module = graph.to_torch(proxy_model).to(device)
     for parameter in module.parameters():
@@ -76,21 +76,34 @@ class Trajectory:
     zero_gradient: bool  # the input gradient was exactly zero for every row at the start
 
 
+PER_ROW_FIELDS = ("best_inputs", "best_values", "best_steps", "initial_values", "stopped")
+
+
 def starting_inputs(shape: list[int], rows: int, settings: Settings) -> torch.Tensor:
     generator = torch.Generator().manual_seed(settings.seed)
     low, high = settings.input_range
     return low + (high - low) * torch.rand([rows] + shape, generator=generator)
 
 
+def slope_schedule(settings: Settings):
+    """ProxyGrad's backward slope per step: constant, or ("decay") linear from the slope to 0 over the first half
+    of the steps and the ordinary gradient after it (docs/benchmarks.md)."""
+    if settings.slope_schedule == "constant":
+        return lambda step: settings.backward_slope
+    half = settings.steps / 2
+    return lambda step: settings.backward_slope * (1 - step / half) if step < half else None
+
+
 def optimize(target: Target, objective: Objective, row_units: list[int], start: torch.Tensor,
              settings: Settings, backward_slope, progress=None) -> Trajectory:
-    """Gradient ascent from `start` on every row at once. backward_slope None = ordinary gradients.
+    """Gradient ascent from `start` on every row at once. backward_slope: None = ordinary gradients, a number,
+    or a function of the step number.
 
     Every forward value is the original network's (the proxy only changes gradients), so the best input
     per row is kept by it. A row whose activation stops being finite (a NaN gradient leads there in one step)
     stops, keeping its best value so far; the others go on.
     """
-    proxy.set_backward_slope(target.module, backward_slope)
+    slope_at = backward_slope if callable(backward_slope) else lambda step: backward_slope
     x = start.clone().to(settings.device).requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=settings.lr) if settings.optimizer == "adam" else None
     rows = x.shape[0]
@@ -100,6 +113,7 @@ def optimize(target: Target, objective: Objective, row_units: list[int], start: 
     alive = torch.ones(rows, dtype=torch.bool)
     initial_values, zero_gradient = None, False
     for step in range(settings.steps + 1):
+        proxy.set_backward_slope(target.module, slope_at(step))
         values = objective.values(_first_output(target.module(x)), row_units)
         detached = values.detach().cpu()
         alive &= torch.isfinite(detached)
@@ -150,6 +164,7 @@ class UnitResult:
     validated: bool | None = None
     status: str = "ok"  # ok | stopped (some seeds hit NaN or infinity) | nonfinite (no finite value at all)
     stopped_seeds: int = 0
+    won_by: str | None = None  # for a portfolio: which half of the seeds found the best input
 
     @property
     def key(self) -> str:
@@ -160,7 +175,8 @@ class UnitResult:
                 "onnxruntime_activation": _json_float(self.onnxruntime_activation), "validated": self.validated,
                 "initial_activation": _json_float(self.initial_activation), "best_step": self.best_step,
                 "best_seed": self.seed_index, "status": self.status, "stopped_seeds": self.stopped_seeds,
-                "image": f"{self.key}.png", "input": self.key}
+                "image": f"{self.key}.png", "input": self.key,
+                **({"won_by": self.won_by} if self.won_by else {})}
 
 
 def _json_float(value):
@@ -177,9 +193,10 @@ def best_per_unit(trajectory: Trajectory, units: list[int], seeds: int, method: 
         row = index * seeds + seed
         stopped_seeds = int(trajectory.stopped[rows].sum())
         status = "nonfinite" if not np.isfinite(values).any() else "stopped" if stopped_seeds else "ok"
+        won_by = ("vanilla" if portfolio_rows(seeds, seeds)[seed] else "proxygrad") if method == "portfolio" else None
         results.append(UnitResult(unit, method, float(values[seed]), float(trajectory.initial_values[row]),
                                   int(trajectory.best_steps[row]), seed, trajectory.best_inputs[row],
-                                  status=status, stopped_seeds=stopped_seeds))
+                                  status=status, stopped_seeds=stopped_seeds, won_by=won_by))
     return results
 
 
@@ -214,13 +231,50 @@ def maximize_units(target: Target, objective: Objective, units: list[int], metho
     zero_gradient = False
     with one_torch_thread():
         for method in methods:
-            slope = settings.backward_slope if method == "proxygrad" else None
-            trajectory = optimize(target, objective, row_units, start, settings, slope, progress)
+            trajectory = _run_method(method, target, objective, row_units, start, settings, progress)
             zero_gradient |= trajectory.zero_gradient
             by_method[method] = best_per_unit(trajectory, units, settings.seeds, method)
         results = [by_method[method][index] for index in range(len(units)) for method in methods]
         rescore_and_validate(target, objective, results, settings)
     return results, zero_gradient
+
+
+def _run_method(method: str, target: Target, objective: Objective, row_units: list[int], start: torch.Tensor,
+                settings: Settings, progress) -> Trajectory:
+    if method == "vanilla":
+        return optimize(target, objective, row_units, start, settings, None, progress)
+    if method == "proxygrad":
+        return optimize(target, objective, row_units, start, settings, slope_schedule(settings), progress)
+    return _portfolio(target, objective, row_units, start, settings, progress)
+
+
+def optimizations(method: str, settings: Settings) -> int:
+    """How many optimization runs of settings.steps a method takes (for progress bars)."""
+    return 2 if method == "portfolio" and settings.seeds >= 2 else 1
+
+
+def portfolio_rows(rows: int, seeds: int) -> np.ndarray:
+    """Which rows of a unit-major batch run vanilla in a portfolio: the first half of each unit's seeds."""
+    return np.arange(rows) % seeds < seeds // 2
+
+
+def _portfolio(target, objective, row_units, start, settings, progress) -> Trajectory:
+    """The first half of each unit's seeds with ordinary gradients, the rest with ProxyGrad, at the budget of one
+    method; best_per_unit then keeps the better one by its true activation."""
+    vanilla_rows = portfolio_rows(len(row_units), settings.seeds)
+    parts = []
+    for rows, slope in ((vanilla_rows, None), (~vanilla_rows, slope_schedule(settings))):
+        if rows.any():
+            units = [unit for unit, chosen in zip(row_units, rows) if chosen]
+            parts.append((rows, optimize(target, objective, units, start[torch.from_numpy(rows)], settings, slope,
+                                         progress)))
+    first = parts[0][1]
+    merged = {name: np.empty((len(row_units),) + getattr(first, name).shape[1:], getattr(first, name).dtype)
+              for name in PER_ROW_FIELDS}
+    for rows, trajectory in parts:
+        for name, array in merged.items():
+            array[rows] = getattr(trajectory, name)
+    return Trajectory(**merged, zero_gradient=all(trajectory.zero_gradient for _, trajectory in parts))
 
 
 @contextmanager

@@ -24,15 +24,15 @@ from onnx2torch.node_converters.registry import add_converter
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 from torch import nn
 
+from onnxproxy import protos
 from onnxproxy.errors import UserError
-from onnxproxy.graph import clip_bounds
+from onnxproxy.graph import RECTIFIER_OPS, is_rectifier
 from onnxproxy.settings import PROVISIONAL_BACKWARD_SLOPE
 
 DOMAIN = "onnxproxy"  # onnx2torch puts the domain into torch module names, which refuse dots
 DOMAIN_VERSION = 1
-RECTIFIER_KINDS = ("relu", "leakyrelu", "prelu", "clip")
-_OP_TYPE = {"Relu": "DualSlopeRelu", "LeakyRelu": "DualSlopeLeakyRelu", "PRelu": "DualSlopePRelu",
-            "Clip": "DualSlopeClip"}
+RECTIFIER_KINDS = tuple(op_type.lower() for op_type in RECTIFIER_OPS)  # relu, leakyrelu, prelu, clip
+_OP_TYPE = {op_type: f"DualSlope{op_type}" for op_type in RECTIFIER_OPS}
 
 
 # -------------------------------------------------------------------------------------------- ONNX side
@@ -70,22 +70,6 @@ def _clip_max_name(node) -> str:
     return node.input[2] if len(node.input) > 2 else ""
 
 
-def _selected(node, kinds, initializers) -> bool:
-    """A rectifier of a selected kind whose slope and bounds are constants, as the torch converter needs."""
-    if node.op_type not in _OP_TYPE or node.op_type.lower() not in kinds or node.domain not in ("", "ai.onnx"):
-        return False
-    if node.op_type == "PRelu":
-        return node.input[1] in initializers
-    if node.op_type == "Clip":
-        lower, upper = clip_bounds(node, initializers)
-        return lower == 0.0 and (upper is not None or not _clip_max_name(node))
-    return True
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
-
-
 def build_proxy(model: onnx.ModelProto, backward_slope: float = PROVISIONAL_BACKWARD_SLOPE,
                 rectifiers=RECTIFIER_KINDS) -> tuple[onnx.ModelProto, Counter]:
     """A copy of a repaired model (opset >= 11) with every selected rectifier replaced by a dual-slope node.
@@ -95,19 +79,18 @@ def build_proxy(model: onnx.ModelProto, backward_slope: float = PROVISIONAL_BACK
     rectifiers = check_rectifier_kinds(rectifiers)
     if not math.isfinite(backward_slope):
         raise UserError(f"--backward-slope must be finite, got {backward_slope}")
-    if _default_opset(model) < 11:  # Clip's bounds are attributes before opset 11; repair the model first
-        raise ValueError(f"build_proxy needs opset >= 11, got {_default_opset(model)}")
-    proxy = onnx.ModelProto()
-    proxy.CopyFrom(model)
+    if protos.default_opset(model) < 11:  # Clip's bounds are attributes before opset 11; repair the model first
+        raise ValueError(f"build_proxy needs opset >= 11, got {protos.default_opset(model)}")
+    proxy = protos.copy(model)
     initializers = {tensor.name: tensor for tensor in proxy.graph.initializer}
     rewritten = Counter()
     for node in proxy.graph.node:
-        if _selected(node, rectifiers, initializers):
+        if is_rectifier(node, initializers) and node.op_type.lower() in rectifiers:
             rewritten[node.op_type] += 1
             _rewrite(node, backward_slope, proxy, initializers)
     if rewritten and DOMAIN not in {entry.domain for entry in proxy.opset_import}:
         proxy.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-        proxy.functions.extend(_functions(_default_opset(proxy)))
+        proxy.functions.extend(_functions(protos.default_opset(proxy)))
         proxy.ir_version = max(proxy.ir_version, 8)  # model-local functions exist from IR version 8 on
     return proxy, rewritten
 

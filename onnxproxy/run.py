@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from onnxproxy import __version__, graph, report
 from onnxproxy.errors import UserError
-from onnxproxy.maximize import Target, UnitResult, maximize_units, prepare_target, resolve_target
+from onnxproxy.maximize import Target, UnitResult, maximize_units, optimizations, prepare_target, resolve_target
 from onnxproxy.objectives import choose_objective, parse_units
 from onnxproxy.settings import Settings
 
@@ -77,7 +77,7 @@ def maximize(request: Request, warn) -> tuple[dict, Path]:
     _warn_about_target(target, warn)
     methods = ["vanilla", "proxygrad"] if request.method == "compare" else [request.method]
     show_progress = not request.quiet and sys.stdout.isatty()
-    with tqdm(total=settings.steps * len(methods), desc=f"{node.name} x{len(units)} units", unit="step",
+    with tqdm(total=settings.steps * sum(optimizations(method, settings) for method in methods), desc=f"{node.name} x{len(units)} units", unit="step",
               disable=not show_progress, leave=False) as progress:
         results, zero_gradient = maximize_units(target, objective, units, methods, settings, progress)
     if zero_gradient:

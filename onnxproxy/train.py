@@ -34,7 +34,6 @@ SGD_MOMENTUM = 0.9
 PRELU_INITIAL_SLOPE = 0.25  # what torch's nn.PReLU starts from
 SPLIT_SEED = 0  # one validation split for every seed and method
 EVAL_BATCH = 512
-SOFTMAX_OPS = ("Softmax", "LogSoftmax")
 
 
 @dataclass
@@ -162,19 +161,13 @@ def find_logits(model: graph.LoadedModel, node_spec: str | None) -> graph.NodeIn
         names = ", ".join(output.name for output in model.outputs)
         raise UserError(f"the model has several outputs ({names}): choose the logits with --node")
     else:
-        node = model.node_by_output(model.outputs[0].name)
-        if node.op_type in SOFTMAX_OPS:
-            node = model.node_by_output(_producer(model.repaired, node.output).input[0])
-    if node.op_type in SOFTMAX_OPS:
+        node = graph.logits_node(model)
+    if node.op_type in graph.SOFTMAX_OPS:
         raise UserError(f"{node.output} is the output of a {node.op_type}; train on the logits before it (--node)")
     if len(node.shape) != 2 or not isinstance(node.shape[1], int):
         raise UserError(f"tensor '{node.output}' has shape {node.shape}; training needs logits [N, classes] "
                         "(choose them with --node)")
     return node
-
-
-def _producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto:
-    return next(node for node in model.graph.node if tensor in node.output)
 
 
 @dataclass(frozen=True)

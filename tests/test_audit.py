@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from cli import main
 from onnxproxy import audit, graph
 from onnxproxy.errors import UserError
-from tests.conftest import DEFAULT_MODEL, shared_model
+from conftest import DEFAULT_MODEL, float_input, onnx_model, shared_model
 
 SMALL = ["--units-per-node", "2", "--steps", "6", "--seeds", "2", "--device", "cpu", "--quiet"]
 
@@ -129,11 +129,9 @@ def dead_unit_model(path):
     bias = np.array([0.0, -1.0], np.float32)
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["conv"], ["out"], name="relu")]
-    graph_proto = helper.make_graph(
-        nodes, "dead", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 8, 8])],
-        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")])
-    onnx.save(helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 13)]), path)
+    model = onnx_model(nodes, [float_input("x", [1, 1, 8, 8])], [float_input("out", [1, 2, 8, 8])],
+                       {"w": weights, "b": bias})
+    onnx.save(model, path)
     return path
 
 

@@ -9,13 +9,13 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from onnx import TensorProto, helper
+from onnx import helper
 from torch import nn
 
 from cli import main
 from onnxproxy import check
 from onnxproxy.graph import to_torch
-from conftest import DEFAULT_MODEL, shared_model, shared_model_names
+from conftest import DEFAULT_MODEL, export_classic, float_input, onnx_model, shared_model, shared_model_names
 
 SUMMARY = re.compile(r"^(PASSED|FAILED) \| (\d+) checks: (\d+) passed, (\d+) failed$", re.MULTILINE)
 MISMATCHED = re.compile(r"^FAILED \| mismatched tensors in graph order \(the first is the likely root cause\): (.*)$",
@@ -57,9 +57,8 @@ def export_small_net(path, opset, dynamic_batch=True):
     net.bn.running_mean.uniform_(-0.5, 0.5)
     net.bn.running_var.uniform_(0.5, 2.0)
     dynamic_axes = {"image": {0: "N"}, "logits": {0: "N"}} if dynamic_batch else None
-    torch.onnx.export(net.eval(), torch.zeros(1, 3, 16, 16), path, dynamo=False, opset_version=opset,
-                      input_names=["image"], output_names=["logits"], dynamic_axes=dynamic_axes)
-    return path
+    return export_classic(net.eval(), torch.zeros(1, 3, 16, 16), path, opset_version=opset,
+                          input_names=["image"], output_names=["logits"], dynamic_axes=dynamic_axes)
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +165,7 @@ def test_unconvertible_op_fails_naming_its_node(tmp_path):
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="rectify"),
              helper.make_node("Shrink", ["r"], ["s"], name="odd_shrink", lambd=0.5),  # onnx2torch has no Shrink
              helper.make_node("Relu", ["s"], ["y"], name="rectify_again")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    onnx.save(onnx_model(nodes, [float_input("x", ["N", 4])], [float_input("y", ["N", 4])]), path)
     result = run_check(path)
     assert result.exit_code == 1
     assert failed_checks(result.output) == ["convert"]

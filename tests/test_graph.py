@@ -8,15 +8,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import shared_model, shared_model_names
+from conftest import DEFAULT_MODEL, export_classic, float_input, onnx_model, shared_model, shared_model_names
 from onnxproxy.errors import UserError
-from onnxproxy.graph import convert_checked, load_model, resolve_node, to_torch
+from onnxproxy.graph import convert_checked, load_model, logits_node, resolve_node, to_torch
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed"),
-    pytest.mark.filterwarnings("ignore:Stochastic Optimizer"),
-]
+pytestmark = pytest.mark.filterwarnings("ignore:Stochastic Optimizer")
 LIGHT_MODELS = sorted((Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
 RNG = np.random.default_rng(0)
 
@@ -29,16 +25,6 @@ def _save(model: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Pat
 
 def _weights(*shape) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
-
-
-def _float_input(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-
-def _model(nodes, inputs, outputs, initializers=(), opset=13, **kwargs) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "test", inputs, outputs,
-                              [numpy_helper.from_array(array, name) for name, array in initializers])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kwargs)
 
 
 def _unshaped_tensors(model: onnx.ModelProto) -> list[str]:
@@ -118,8 +104,8 @@ def _torch_export(network, path, example, dynamo, **options):
         torch.onnx.export(network, (example,), str(path), dynamo=True, input_names=["x"],
                           dynamic_shapes=({0: batch},), **options)
     else:
-        torch.onnx.export(network, (example,), str(path), dynamo=False, input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "batch"}}, **options)
+        export_classic(network, example, path, input_names=["x"], output_names=["logits"],
+                       dynamic_axes={"x": {0: "batch"}}, **options)
     return path
 
 
@@ -186,7 +172,7 @@ def test_channels_last_model_converts_and_is_seen_as_nhwc(tmp_path):
 def _conv_relu_model(constant_weights: bool, named: bool = True) -> onnx.ModelProto:
     """x[N,2,6,6] -> Conv(3x3) -> Relu -> Clip(min 0) -> GlobalAveragePool -> Flatten -> y[N,3]."""
     weight, bias, lower = _weights(3, 2, 3, 3), _weights(3), np.array(0.0, np.float32)
-    constants = [("W", weight), ("B", bias), ("lower", lower)]
+    constants = {"W": weight, "B": bias, "lower": lower}
     nodes = [
         helper.make_node("Conv", ["x", "W", "B"], ["conv"]),
         helper.make_node("Relu", ["conv"], ["relu"]),
@@ -196,11 +182,11 @@ def _conv_relu_model(constant_weights: bool, named: bool = True) -> onnx.ModelPr
     ]
     if constant_weights:
         nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array))
-                 for name, array in constants] + nodes
+                 for name, array in constants.items()] + nodes
     for index, node in enumerate(nodes):
         node.name = f"layer{index}" if named else ""
-    return _model(nodes, [_float_input("x", ["N", 2, 6, 6])], [_float_input("y", None)],
-                  [] if constant_weights else constants)
+    return onnx_model(nodes, [float_input("x", ["N", 2, 6, 6])], [float_input("y", None)],
+                      None if constant_weights else constants)
 
 
 def test_constant_node_weights_become_initializers(tmp_path):
@@ -238,7 +224,7 @@ def test_same_auto_pads_and_asymmetric_average_pools_are_made_explicit(tmp_path)
         helper.make_node("AveragePool", ["max"], ["y"], "avg", kernel_shape=[3, 3], strides=[2, 2],
                          auto_pad="SAME_UPPER"),  # on 4x4: pads 0 before, 1 after, not counted in the mean
     ]
-    model = _model(nodes, [_float_input("x", ["N", 2, 7, 7])], [_float_input("y", None)], [("W", _weights(4, 2, 2, 2))])
+    model = onnx_model(nodes, [float_input("x", ["N", 2, 7, 7])], [float_input("y", None)], {"W": _weights(4, 2, 2, 2)})
     loaded = _check_loaded(_save(model, tmp_path))
     assert not _same_auto_pads(loaded.repaired)
     assert "Pad" in {node.op_type for node in loaded.repaired.graph.node}
@@ -251,8 +237,8 @@ def test_identity_of_initializer_and_noop_allowzero_are_repaired(tmp_path):
         helper.make_node("MatMul", ["x", "W_copy"], ["product"], "matmul"),
         helper.make_node("Reshape", ["product", "shape"], ["y"], "reshape", allowzero=1),
     ]
-    initializers = [("W", _weights(6, 4)), ("shape", np.array([-1, 2, 2], np.int64))]
-    model = _model(nodes, [_float_input("x", ["N", 6])], [_float_input("y", None)], initializers, opset=14)
+    initializers = {"W": _weights(6, 4), "shape": np.array([-1, 2, 2], np.int64)}
+    model = onnx_model(nodes, [float_input("x", ["N", 6])], [float_input("y", None)], initializers, opset=14)
     loaded = _check_loaded(_save(model, tmp_path))
     assert any("Identity x1" in repair for repair in loaded.repairs)
     assert any("allowzero" in repair for repair in loaded.repairs)
@@ -262,7 +248,7 @@ def test_identity_of_initializer_and_noop_allowzero_are_repaired(tmp_path):
 def test_unsupported_ops_are_listed_together(tmp_path):
     nodes = [helper.make_node("Hardmax", ["x"], ["h1"], "hard1"), helper.make_node("Hardmax", ["h1"], ["h2"], "hard2"),
              helper.make_node("Shrink", ["h2"], ["y"], "shrink")]
-    model = _model(nodes, [_float_input("x", ["N", 5])], [_float_input("y", None)])
+    model = onnx_model(nodes, [float_input("x", ["N", 5])], [float_input("y", None)])
     loaded = load_model(_save(model, tmp_path))
     with pytest.raises(UserError) as error:
         to_torch(loaded.repaired)
@@ -285,7 +271,7 @@ def _ml_tailed_classifier() -> onnx.ModelProto:
                          classlabels_int64s=[10, 20, 30]),
     ]
     graph = helper.make_graph(
-        nodes, "classifier", [_float_input("x", ["N", 4])],
+        nodes, "classifier", [float_input("x", ["N", 4])],
         [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
          helper.make_value_info("output_probability", helper.make_sequence_type_proto(
              helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))],
@@ -335,8 +321,8 @@ def addressable(tmp_path):
         helper.make_node("Split", ["features.conv2.out"], ["half_a", "half_b"], "splitter", axis=1, num_outputs=2),
         helper.make_node("Add", ["half_a", "half_b"], ["logits"], "classifier/Head"),
     ]
-    model = _model(nodes, [_float_input("x", ["N", 1, 4, 4])], [_float_input("logits", None)],
-                   [("W1", _weights(2, 1, 3, 3)), ("W2", _weights(4, 2, 3, 3))], opset=18)
+    model = onnx_model(nodes, [float_input("x", ["N", 1, 4, 4])], [float_input("logits", None)],
+                       {"W1": _weights(2, 1, 3, 3), "W2": _weights(4, 2, 3, 3)}, opset=18)
     return load_model(_save(model, tmp_path))
 
 
@@ -362,3 +348,24 @@ def test_unknown_node_suggests_close_names(addressable):
         resolve_node(addressable, "features/conv3")
     message = str(error.value)
     assert "Closest" in message and "features/conv2" in message and "onnxproxy inspect" in message
+
+
+def test_messages_name_the_option_and_list_each_close_name_once():
+    model = load_model(DEFAULT_MODEL)  # its nodes are named like their output tensors
+    with pytest.raises(UserError) as error:
+        resolve_node(model, "conv9", "--tol")
+    message = str(error.value)
+    assert message.startswith("--tol conv9: no such node")
+    closest = message.split("Closest: ")[1].split(".")[0].split(", ")
+    assert "conv3" in closest and len(closest) == len(set(closest))
+
+
+# ------------------------------------------------------------------------------------------------ logits
+
+
+def test_logits_are_the_output_or_what_a_final_softmax_reads(addressable, tmp_path):
+    assert logits_node(addressable).name == "classifier/Head"
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["scores"], "linear"),
+             helper.make_node("Softmax", ["scores"], ["probabilities"], "softmax", axis=1)]
+    model = onnx_model(nodes, [float_input("x", ["N", 4])], [float_input("probabilities", None)], {"W": _weights(4, 3)})
+    assert logits_node(load_model(_save(model, tmp_path, "softmax.onnx"))).name == "linear"

@@ -6,24 +6,23 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from cli import main
-from conftest import shared_model
+from conftest import float_input, onnx_model, shared_model
 
 RNG = np.random.default_rng(0)
 RECTIFIERS = ["relu", "clip_at_zero", "leaky", "prelu"]  # the node names _rectifier_zoo gives them
 
 
 def _weights(*shape):
-    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32))
+    return RNG.standard_normal(shape).astype(np.float32)
 
 
 def _rectifier_zoo() -> onnx.ModelProto:
     """Conv layers with every kind of rectifier, and a Clip that is not one (its minimum is below zero)."""
     initializers = {"W1": _weights(4, 3, 3, 3), "W2": _weights(6, 4, 3, 3), "W3": _weights(6, 6, 1, 1),
-                    "zero": numpy_helper.from_array(np.array(0.0, np.float32)),
-                    "minus_one": numpy_helper.from_array(np.array(-1.0, np.float32)),
+                    "zero": np.array(0.0, np.float32), "minus_one": np.array(-1.0, np.float32),
                     "slope": _weights(6, 1, 1), "Wfc": _weights(6, 5)}
     nodes = [
         helper.make_node("Conv", ["x", "W1"], ["conv1_out"], "conv1"),
@@ -38,13 +37,8 @@ def _rectifier_zoo() -> onnx.ModelProto:
         helper.make_node("Flatten", ["pooled"], ["flat"], "flatten"),
         helper.make_node("MatMul", ["flat", "Wfc"], ["logits"], "fc"),
     ]
-    for name, tensor in initializers.items():
-        tensor.name = name
-    graph = helper.make_graph(nodes, "zoo", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
-                              list(initializers.values()))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="unit-test",
-                             producer_version="4.2")
+    return onnx_model(nodes, [float_input("x", ["N", 3, 10, 10])], [float_input("logits", None)], initializers,
+                      producer_name="unit-test", producer_version="4.2")
 
 
 @pytest.fixture
@@ -118,10 +112,8 @@ def test_bad_node_exits_2_with_candidates_and_hint(zoo_path, spec, fragments):
 def test_unconvertible_model_is_reported_then_fails_listing_every_op(tmp_path):
     nodes = [helper.make_node("Hardmax", ["x"], ["h1"], "hard1"), helper.make_node("Hardmax", ["h1"], ["h2"], "hard2"),
              helper.make_node("Shrink", ["h2"], ["y"], "shrink")]
-    graph = helper.make_graph(nodes, "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     path = tmp_path / "odd.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    onnx.save(onnx_model(nodes, [float_input("x", ["N", 5])], [float_input("y", None)]), str(path))
     result = _inspect(path)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert all(name in result.output for name in ("hard1", "hard2", "shrink"))  # the node list still shows

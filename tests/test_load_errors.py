@@ -4,18 +4,16 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from cli import main
+from conftest import float_input, onnx_model
 
 
 def _conv_model(input_shape=("N", 3, 8, 8)) -> onnx.ModelProto:
     weight = np.random.default_rng(0).standard_normal((16, input_shape[1], 3, 3)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "W"], ["conv"], "conv"), helper.make_node("Relu", ["conv"], ["y"], "relu")],
-        "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "W")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    nodes = [helper.make_node("Conv", ["x", "W"], ["conv"], "conv"), helper.make_node("Relu", ["conv"], ["y"], "relu")]
+    return onnx_model(nodes, [float_input("x", list(input_shape))], [float_input("y", None)], {"W": weight})
 
 
 def _inspect(*args):
@@ -82,12 +80,11 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path):
 
 def test_model_without_float_input(tmp_path):
     table = np.arange(20, dtype=np.float32).reshape(10, 2)
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["y"], "lookup")], "lookup",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(table, "table")])
+    model = onnx_model([helper.make_node("Gather", ["table", "ids"], ["y"], "lookup")],
+                       [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])], [float_input("y", None)],
+                       {"table": table})
     path = tmp_path / "lookup.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    onnx.save(model, str(path))
     _assert_one_line_error(_inspect(path), "no float input", "ids")
 
 
@@ -108,12 +105,10 @@ def test_bad_input_shape_option(tmp_path, spec):
 
 
 def test_several_inputs_need_input_option(tmp_path):
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["left", "right"], ["y"], "add")], "two_inputs",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4]) for name in ("left", "right")],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = onnx_model([helper.make_node("Add", ["left", "right"], ["y"], "add")],
+                       [float_input(name, ["N", 4]) for name in ("left", "right")], [float_input("y", None)])
     path = tmp_path / "two_inputs.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    onnx.save(model, str(path))
     _assert_one_line_error(_inspect(path), "several inputs", "left", "right", "--input")
     _assert_one_line_error(_inspect(path, "--input", "middle"), "middle", "no such input")
     assert _inspect(path, "--input", "right").exit_code == 0

@@ -95,7 +95,8 @@ def test_compare_runs_both_methods_from_the_same_starts(digits, monkeypatch):
     results, _ = maximize_units(target, objective, [0, 5], ["vanilla", "proxygrad"], settings)
 
     (vanilla_slope, vanilla_start, vanilla_initial), (proxy_slope, proxy_start, proxy_initial) = calls
-    assert (vanilla_slope, proxy_slope) == (None, SLOPE)
+    assert vanilla_slope is None
+    assert [proxy_slope(step) for step in (0, 1, 2)] == [SLOPE, SLOPE * (1 - 1 / 1.5), None]  # decays by mid-run
     assert torch.equal(vanilla_start, proxy_start)
     np.testing.assert_array_equal(vanilla_initial, proxy_initial)
     assert [(result.unit, result.method) for result in results] == [
@@ -123,3 +124,37 @@ def test_same_seed_same_starts_other_seed_other_starts():
     assert torch.equal(first, maximize.starting_inputs([1, 4, 4], 3, settings))
     assert not torch.equal(first, maximize.starting_inputs([1, 4, 4], 3, Settings(seed=8)))
     assert first.min() >= -1 and first.max() <= 1
+
+
+def test_slope_schedules():
+    constant = maximize.slope_schedule(Settings(steps=10, backward_slope=0.4, slope_schedule="constant"))
+    decay = maximize.slope_schedule(Settings(steps=10, backward_slope=0.4, slope_schedule="decay"))
+    assert [constant(step) for step in (0, 5, 9)] == [0.4, 0.4, 0.4]
+    assert decay(0) == 0.4 and decay(4) == pytest.approx(0.4 * (1 - 4 / 5))
+    assert decay(5) is None and decay(9) is None  # the ordinary gradient from mid-run on
+
+
+def test_portfolio_splits_each_units_seeds_between_vanilla_and_proxygrad(digits, monkeypatch):
+    target, objective = digits
+    calls = []
+    original_optimize = maximize.optimize
+
+    def spy(target, objective, row_units, start, settings, backward_slope, progress=None):
+        trajectory = original_optimize(target, objective, row_units, start, settings, backward_slope, progress)
+        calls.append((backward_slope, row_units, start.clone(), trajectory.best_values))
+        return trajectory
+
+    monkeypatch.setattr(maximize, "optimize", spy)
+    settings = Settings(steps=4, lr=0.05, optimizer="adam", seeds=4)
+    start = maximize.starting_inputs(target.input_shape, 2 * settings.seeds, settings)
+    results, _ = maximize_units(target, objective, [0, 5], ["portfolio"], settings, start=start)
+
+    (vanilla_slope, vanilla_units, vanilla_start, vanilla_best), (proxy_slope, proxy_units, proxy_start, proxy_best) = calls
+    assert vanilla_slope is None and callable(proxy_slope)
+    assert vanilla_units == proxy_units == [0, 0, 5, 5]
+    assert torch.equal(vanilla_start, start[[0, 1, 4, 5]]) and torch.equal(proxy_start, start[[2, 3, 6, 7]])
+    for index, result in enumerate(results):
+        halves = {"vanilla": vanilla_best[2 * index:2 * index + 2], "proxygrad": proxy_best[2 * index:2 * index + 2]}
+        best_half = max(halves, key=lambda half: halves[half].max())
+        assert result.method == "portfolio" and result.won_by == best_half
+        assert result.activation == pytest.approx(float(halves[best_half].max()), rel=1e-5)

@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from PIL import Image
 
 from cli import main
-from conftest import DEFAULT_MODEL, shared_model
+from conftest import DEFAULT_MODEL, float_input, onnx_model, shared_model
 from onnxproxy import report, run
 
 FAST = ["--steps", "4", "--seeds", "1", "--quiet"]
@@ -44,12 +44,9 @@ def assert_usage_error(result, *fragments):
 
 
 def save_model(path, nodes, input_shape, output, initializers):
-    graph = helper.make_graph(
-        nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *input_shape])],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.asarray(value, np.float32), name) for name, value in initializers.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    onnx.save(model, path)
+    initializers = {name: np.asarray(value, np.float32) for name, value in initializers.items()}
+    onnx.save(onnx_model(nodes, [float_input("x", ["N", *input_shape])], [float_input(output, None)], initializers,
+                         ir_version=8), path)
     return path
 
 
@@ -101,7 +98,7 @@ def test_run_on_the_embedded_model_writes_validated_files(tmp_path):
     result = maximize("--units", "0-1", *FAST, "--out", out)
     assert result.exit_code == 0, result.output
     names = {path.name for path in out.iterdir()}
-    assert names == {"unit000_proxygrad.png", "unit001_proxygrad.png", "grid.png", "results.json", "inputs.npz"}
+    assert names == {"unit000_portfolio.png", "unit001_portfolio.png", "grid.png", "results.json", "inputs.npz"}
     document = document_of(out)
     assert document["validated"] and all(record["validated"] for record in document["results"])
     assert "no unit given" not in result.stderr
@@ -181,9 +178,9 @@ def test_images_show_the_input_as_the_model_sees_it(tmp_path, input_shape, layou
     out = tmp_path / "out"
     result = maximize(model, "--node", "conv:1", *FAST, "--input-range", "0", "2", "--out", out)
     assert result.exit_code == 0, result.output
-    image = Image.open(out / "unit001_proxygrad.png")
+    image = Image.open(out / "unit001_portfolio.png")
     assert (image.mode, image.size) == (mode, (side, side))
-    array = np.load(out / "inputs.npz")["unit001_proxygrad"][0]
+    array = np.load(out / "inputs.npz")["unit001_portfolio"][0]
     channels_last = array if layout == "NHWC" else np.moveaxis(array, 0, -1)
     expected = np.round(np.clip(channels_last[:, :, :3] / 2, 0, 1) * 255)
     factor = side // channels_last.shape[0]
@@ -197,7 +194,7 @@ def test_shared_nhwc_grey_model(tmp_path):
     result = maximize(model, "--node", "conv2d/BiasAdd:0", *FAST, "--out", out)
     assert result.exit_code == 0, result.output
     assert document_of(out)["validated"]
-    image = Image.open(out / "unit000_proxygrad.png")
+    image = Image.open(out / "unit000_portfolio.png")
     assert (image.mode, image.size) == ("L", (140, 140))
 
 
@@ -223,8 +220,8 @@ def test_without_rectifier_proxygrad_equals_vanilla_and_says_so(tmp_path):
 def test_nonfinite_units_stop_and_are_reported_while_the_others_go_on(tmp_path):
     model = overflowing(tmp_path / "model.onnx")
     out = tmp_path / "out"
-    result = maximize(model, "--node", "scale:0-3", "--steps", "6", "--seeds", "2", "--optimizer", "sgd",
-                      "--out", out)
+    result = maximize(model, "--node", "scale:0-3", "--method", "proxygrad", "--steps", "6", "--seeds", "2",
+                      "--optimizer", "sgd", "--out", out)
     assert result.exit_code == 0, result.output
     document = document_of(out)  # strict JSON: no NaN or Infinity tokens
     records = {record["unit"]: record for record in document["results"]}
@@ -255,7 +252,7 @@ def test_zero_gradient_model_warns_instead_of_crashing(tmp_path):
     assert "gradient is exactly zero" in result.stderr
     record = document_of(out)["results"][0]
     assert record["validated"] and record["best_step"] == 0
-    assert Image.open(out / "unit000_proxygrad.png").size == (144, 144)
+    assert Image.open(out / "unit000_portfolio.png").size == (144, 144)
 
 
 # ------------------------------------------------------------------------------------------------ refused
@@ -331,5 +328,5 @@ def test_a_torch_onnxruntime_mismatch_exits_1_after_writing_everything(tmp_path,
     document = document_of(out)
     assert document["validated"] is False
     assert [record["validated"] for record in document["results"]] == [False, False]
-    assert {"unit000_proxygrad.png", "unit001_proxygrad.png", "grid.png", "inputs.npz"} <= {
+    assert {"unit000_portfolio.png", "unit001_portfolio.png", "grid.png", "inputs.npz"} <= {
         path.name for path in out.iterdir()}

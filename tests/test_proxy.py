@@ -1,6 +1,5 @@
 """The proxy graph: the rewrite keeps every forward value and changes only the backward of rectifiers."""
 
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -9,83 +8,15 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from torch import nn
 
-from conftest import shared_model, shared_model_names
+from conftest import (EXPORTED_COUNTS, GENERATED, GENERATED_COUNTS, float_input, helper_model, onnx_model,
+                      shared_model, shared_model_names, write_generated_model)
 from onnxproxy.errors import UserError
 from onnxproxy.graph import load_model, to_torch
 from onnxproxy.proxy import (DualSlope, DualSlopeFunction, build_proxy, count_dual_slope_nodes, dual_slope_modules,
                              set_backward_slope)
-
-# The generated models hold one rectifier of each kind and a Clip(-1, 1), which is no rectifier and must stay.
-# The helper-made ones have two rectifier Clips (with and without max), the torch export one (ReLU6).
-GENERATED_COUNTS = Counter({"Relu": 1, "LeakyRelu": 1, "PRelu": 1, "Clip": 2})
-EXPORTED_COUNTS = GENERATED_COUNTS - Counter({"Clip": 1})
-GENERATED_INPUT_SHAPE = (1, 3, 6, 6)
-GENERATED = ["helper-opset13", "helper-opset17", "torch-export-opset17"]
-
-
-# ------------------------------------------------------------------------------------------ generated models
-
-
-def _conv(rng, name, source):
-    weight = numpy_helper.from_array(rng.normal(0, 0.6, (4, source, 3, 3)).astype(np.float32), f"{name}_w")
-    return weight, helper.make_node("Conv", [name + "_in", weight.name], [name + "_out"], name=name, pads=[1] * 4)
-
-
-def _scalar(name, value):
-    return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
-
-
-def helper_model(opset: int) -> onnx.ModelProto:
-    """Conv, then each rectifier kind, each followed by a Conv, then Clip(-1, 1)."""
-    rng = np.random.default_rng(0)
-    activations = [
-        helper.make_node("Relu", ["x1"], ["y1"], name="relu"),
-        helper.make_node("LeakyRelu", ["x2"], ["y2"], name="leaky", alpha=0.1),
-        helper.make_node("PRelu", ["x3", "prelu_slope"], ["y3"], name="prelu"),
-        helper.make_node("Clip", ["x4", "zero", "six"], ["y4"], name="relu6"),
-        helper.make_node("Clip", ["x5", "zero"], ["y5"], name="clip_min0"),
-        helper.make_node("Clip", ["x6", "minus_one", "one"], ["y6"], name="clip_symmetric"),
-    ]
-    initializers = [_scalar("zero", 0), _scalar("six", 6), _scalar("minus_one", -1), _scalar("one", 1),
-                    _scalar("prelu_slope", [[[0.05]], [[0.2]], [[0.4]], [[0.7]]])]
-    nodes = []
-    source = "image"
-    for index, activation in enumerate(activations, start=1):
-        weight, conv = _conv(rng, f"conv{index}", GENERATED_INPUT_SHAPE[1] if index == 1 else 4)
-        conv.input[0], conv.output[0] = source, activation.input[0]
-        initializers.append(weight)
-        nodes += [conv, activation]
-        source = activation.output[0]
-    graph = helper.make_graph(
-        nodes, "rectifier_zoo",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, GENERATED_INPUT_SHAPE)],
-        [helper.make_tensor_value_info(source, TensorProto.FLOAT, None)], initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-
-
-def torch_export_model(path):
-    """The classic exporter on purpose: torch's default (dynamo) writes opset 18+ graphs."""
-    torch.manual_seed(0)
-    layers = [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.1),
-              nn.Conv2d(4, 4, 3, padding=1), nn.PReLU(4, init=0.2), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU6(),
-              nn.Conv2d(4, 4, 3, padding=1), nn.Hardtanh(-1, 1), nn.Flatten(),
-              nn.Linear(4 * 6 * 6, 5)]
-    module = nn.Sequential(*layers).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the classic exporter's deprecation notice
-        torch.onnx.export(module, (torch.randn(GENERATED_INPUT_SHAPE),), str(path), dynamo=False, opset_version=17)
-
-
-def write_generated_model(kind: str, path):
-    """One of GENERATED, written to `path`."""
-    if kind == "torch-export-opset17":
-        torch_export_model(path)
-    else:
-        onnx.save(helper_model(int(kind.removeprefix("helper-opset"))), str(path))
-    return path
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -184,6 +115,18 @@ def test_clip_that_is_no_rectifier_is_kept(tmp_path):
     loaded = load_model(write_generated_model("helper-opset13", tmp_path / "zoo.onnx"))
     proxy, _ = build_proxy(loaded.repaired)
     assert [node.name for node in proxy.graph.node if node.op_type == "Clip"] == ["clip_symmetric"]
+
+
+def test_rectifiers_with_computed_slopes_or_bounds_are_neither_counted_nor_rewritten(tmp_path):
+    nodes = [helper.make_node("Abs", ["x"], ["slope"], "abs"),
+             helper.make_node("PRelu", ["x", "slope"], ["p"], "prelu_computed_slope"),
+             helper.make_node("Clip", ["p", "zero", "slope"], ["y"], "clip_computed_max")]
+    model = onnx_model(nodes, [float_input("x", ["N", 4])], [float_input("y", None)],
+                       {"zero": np.array(0.0, np.float32)})
+    onnx.save(model, str(tmp_path / "computed.onnx"))
+    loaded = load_model(tmp_path / "computed.onnx")
+    assert not [node.name for node in loaded.nodes if node.rectifier]
+    assert build_proxy(loaded.repaired)[1] == Counter()
 
 
 @pytest.mark.parametrize("kinds", [("relu",), ("leakyrelu", "prelu"), ("clip",), ()])

@@ -5,9 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import shared_model
+from conftest import GENERATED_COUNTS, shared_model, write_generated_model
 from onnxproxy.proxy import count_dual_slope_nodes
-from test_proxy import GENERATED_COUNTS, write_generated_model
 
 
 @pytest.fixture(scope="module")
