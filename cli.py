@@ -291,8 +291,8 @@ def _rectifier_kinds(ctx, param, value):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.onnx",
               help="Where to write the proxy model (replaced only once complete).")
 @click.option("--backward-slope", type=float, default=Settings.backward_slope, show_default=True,
-              help="Negative slope of the rewritten rectifiers in the backward pass. Provisional default, "
-                   "until the benchmarks choose one.")
+              help="Negative slope of the rewritten rectifiers in the backward pass (stored in the file; "
+                   "maximize's schedules change it per step). Default chosen by benchmark: docs/benchmarks.md.")
 @click.option("--rectifiers", callback=_rectifier_kinds, metavar="KIND,...",
               help="Which rectifiers to rewrite, from relu, leakyrelu, prelu, clip (Clip with min 0) [default: all].")
 @_input_options

@@ -20,7 +20,7 @@ from onnxproxy import run
 from onnxproxy.errors import UserError
 from onnxproxy.graph import LoadedModel, TensorInfo, load_model, resolve_node, to_torch
 from onnxproxy.proxy import DOMAIN, build_proxy, count_dual_slope_nodes
-from onnxproxy.settings import DEFAULT_ATOL, DEFAULT_RTOL, PROVISIONAL_BACKWARD_SLOPE, Settings
+from onnxproxy.settings import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_BACKWARD_SLOPE, Settings
 from onnxproxy.validate import exposing, session
 
 
@@ -388,7 +388,7 @@ def _load_check(model: LoadedModel) -> Check:
 
 
 def _rectifier_check(model: LoadedModel) -> tuple[onnx.ModelProto, Check]:
-    proxy_model, rewritten = build_proxy(model.repaired, PROVISIONAL_BACKWARD_SLOPE)
+    proxy_model, rewritten = build_proxy(model.repaired, DEFAULT_BACKWARD_SLOPE)
     rectifiers = [node for node in model.nodes if node.rectifier]
     count = count_dual_slope_nodes(proxy_model)
     kinds = ", ".join(f"{op} x{n}" for op, n in sorted(rewritten.items())) or "the model has none"
@@ -458,4 +458,4 @@ def _gradient_check(proxy_module, rows: np.ndarray) -> Check:
         return Check("gradient flow", False, "the input gradient through the proxy graph is zero everywhere "
                                              "(e.g. Sign or step activations): gradient ascent cannot move")
     return Check("gradient flow", True, f"nonzero input gradient through the proxy graph on {share:.0%} of input "
-                                        f"values (backward slope {PROVISIONAL_BACKWARD_SLOPE})")
+                                        f"values (backward slope {DEFAULT_BACKWARD_SLOPE})")

@@ -27,7 +27,7 @@ from torch import nn
 from onnxproxy import protos
 from onnxproxy.errors import UserError
 from onnxproxy.graph import RECTIFIER_OPS, is_rectifier
-from onnxproxy.settings import PROVISIONAL_BACKWARD_SLOPE
+from onnxproxy.settings import DEFAULT_BACKWARD_SLOPE
 
 DOMAIN = "onnxproxy"  # onnx2torch puts the domain into torch module names, which refuse dots
 DOMAIN_VERSION = 1
@@ -70,7 +70,7 @@ def _clip_max_name(node) -> str:
     return node.input[2] if len(node.input) > 2 else ""
 
 
-def build_proxy(model: onnx.ModelProto, backward_slope: float = PROVISIONAL_BACKWARD_SLOPE,
+def build_proxy(model: onnx.ModelProto, backward_slope: float = DEFAULT_BACKWARD_SLOPE,
                 rectifiers=RECTIFIER_KINDS) -> tuple[onnx.ModelProto, Counter]:
     """A copy of a repaired model (opset >= 11) with every selected rectifier replaced by a dual-slope node.
 
@@ -249,7 +249,7 @@ def _constant(graph, name: str) -> torch.Tensor:
 
 def _converter(op_type):
     def convert(node, graph) -> OperationConverterResult:
-        backward_slope = node.attributes.get("backward_slope", PROVISIONAL_BACKWARD_SLOPE)
+        backward_slope = node.attributes.get("backward_slope", DEFAULT_BACKWARD_SLOPE)
         upper = None
         if op_type == "Relu":
             forward_slope = 0.0

@@ -10,7 +10,7 @@ from onnxproxy.errors import UserError
 # Chosen by benchmarks/quality.py (docs/benchmarks.md): on real models the best measured setting was a portfolio
 # (half the seeds vanilla Adam, half Adam with a backward slope of 0.3 decaying to the forward slope by mid-run).
 # The proxy ONNX files keep the constant slope as their attribute default.
-PROVISIONAL_BACKWARD_SLOPE = 0.3
+DEFAULT_BACKWARD_SLOPE = 0.3
 METHODS = ("portfolio", "proxygrad", "vanilla")
 SLOPE_SCHEDULES = ("decay", "constant")
 DEFAULT_ATOL = 1e-4
@@ -23,7 +23,7 @@ class Settings:
     steps: int = 256
     lr: float = 0.05
     optimizer: str = "adam"
-    backward_slope: float = PROVISIONAL_BACKWARD_SLOPE
+    backward_slope: float = DEFAULT_BACKWARD_SLOPE
     slope_schedule: str = "decay"
     seeds: int = 4
     seed: int = 0
