@@ -59,9 +59,22 @@ def prepare_target(model: graph.LoadedModel, node: graph.NodeInfo, backward_slop
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     input_shape = list(model.input.shape[1:])
-    with torch.no_grad():  # shape inference can leave a tensor's shape unknown; torch's answer is the one used
-        shape = list(_first_output(module(torch.zeros([1] + input_shape, device=device))).shape)
-    return Target(model, node, module, input_shape, shape, dict(rewritten), after_softmax)
+    return Target(model, node, module, input_shape, _batched_shape(module, input_shape, node, device),
+                  dict(rewritten), after_softmax)
+
+
+def _batched_shape(module, input_shape: list[int], node: graph.NodeInfo, device: str) -> list[int]:
+    """The target's shape for a batch of one, from torch (shape inference can leave it unknown), after checking
+    that the graph computes a batch of inputs at once: units and seeds run as one batch."""
+    with torch.no_grad():
+        try:
+            shape = list(_first_output(module(torch.zeros([2] + input_shape, device=device))).shape)
+        except RuntimeError as error:
+            raise UserError(f"the graph up to {node.name} cannot run a batch of inputs (an exporter fixed the batch "
+                            f"size somewhere the repair pass does not free: {str(error).splitlines()[0]})") from None
+    if shape[:1] != [2]:
+        raise UserError(f"{node.name} does not keep the batch axis first (shape {shape} for a batch of 2)")
+    return [1] + shape[1:]
 
 
 @dataclass

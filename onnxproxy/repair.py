@@ -38,6 +38,7 @@ def repair(model: onnx.ModelProto, input_shapes: dict | None = None) -> tuple[on
     repaired = _infer_shapes(repaired, repairs)
     _explicit_auto_pads(repaired, repairs)
     _pad_average_pools(repaired, repairs)
+    _free_reshape_batch(repaired, repairs)
     return repaired, repairs
 
 
@@ -185,6 +186,27 @@ def _drop_noop_allowzero(model, repairs):
             dropped += 1
     if dropped:
         repairs.append(f"dropped a no-op allowzero from {dropped} Reshape nodes")
+
+
+def _free_reshape_batch(model, repairs):
+    """Exporters run with batch size 1 write Reshape(x, [1, -1]); onnxproxy optimizes many inputs as one batch.
+    A leading 1 where the data's leading (batch) dimension is 1 becomes 0, Reshape's "copy this dimension"."""
+    graph = model.graph
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    shapes = protos.shapes_by_tensor(graph)
+    freed = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[1] not in constants or protos.attributes(node).get("allowzero"):
+            continue
+        target = numpy_helper.to_array(constants[node.input[1]])
+        data_shape = shapes.get(node.input[0], [])
+        if target.ndim == 1 and target.size and target[0] == 1 and data_shape[:1] == [1]:
+            freed_target = target.copy()
+            freed_target[0] = 0
+            node.input[1] = _add_initializer(graph, f"{node.input[1]}_free_batch_{freed}", freed_target)
+            freed += 1
+    if freed:
+        repairs.append(f"freed the batch size fixed at 1 in {freed} Reshape targets")
 
 
 _CONVERTIBLE_OPSETS = range(13, 18)  # opsets whose op revisions onnx2torch 1.5.15 converts after repair

@@ -17,6 +17,7 @@ from PIL import Image
 from cli import main
 from conftest import DEFAULT_MODEL, float_input, onnx_model, shared_model
 from onnxproxy import report, run
+from onnxproxy.graph import load_model
 
 FAST = ["--steps", "4", "--seeds", "1", "--quiet"]
 
@@ -330,3 +331,21 @@ def test_a_torch_onnxruntime_mismatch_exits_1_after_writing_everything(tmp_path,
     assert [record["validated"] for record in document["results"]] == [False, False]
     assert {"unit000_portfolio.png", "unit001_portfolio.png", "grid.png", "inputs.npz"} <= {
         path.name for path in out.iterdir()}
+
+
+def test_a_batch_size_fixed_in_a_reshape_is_freed_so_units_and_seeds_run_as_one_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], name="conv"),
+             helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+             helper.make_node("Reshape", ["relu", "flat"], ["flat_out"], name="flatten"),
+             helper.make_node("Gemm", ["flat_out", "fc_w"], ["logits"], name="logits", transB=1)]
+    model = onnx_model(nodes, [float_input("x", [1, 1, 4, 4])], [float_input("logits", [1, 3])],
+                       {"w": rng.normal(size=(2, 1, 3, 3)).astype(np.float32), "flat": np.array([1, -1]),
+                        "fc_w": rng.normal(size=(3, 8)).astype(np.float32)})
+    path = tmp_path / "fixed_batch.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "out"
+    result = maximize(path, "--node", "logits:0-2", "--steps", "4", "--seeds", "2", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert document_of(out)["validated"]
+    assert any("Reshape" in repair for repair in load_model(path).repairs)
