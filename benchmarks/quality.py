@@ -34,11 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnx.numpy_helper
 import torch
 
 from onnxproxy import proxy
+from onnxproxy.errors import UserError
 from onnxproxy.graph import load_model, resolve_node
 from onnxproxy.maximize import (Trajectory, best_per_unit, maximize_units, optimize, prepare_target,
                                 rescore_and_validate, starting_inputs)
@@ -295,35 +294,14 @@ VANILLA_CONFIGS = ("adam vanilla", "sgd vanilla")
 STALL_SHARE = 0.01  # vanilla stalls: its best gain over the start is below 1% of the unit's scale
 
 
-def batch_reshapes(model) -> int:
-    """Some exporters bake batch size 1 into a Reshape to [1, -1] (Chainer's MNIST CNN, ResNet 3b2_sri), which
-    `maximize` cannot batch. The fix proposed for graph.repair, applied here to both the original and the repaired
-    graph: [0, -1] (0 copies the batch dimension), identical for every single row. Returns how many were rewritten."""
-    rewritten = 0
-    for proto in (model.original, model.repaired):
-        initializers = {initializer.name: initializer for initializer in proto.graph.initializer}
-        for node in proto.graph.node:
-            if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in initializers:
-                continue
-            shape = onnx.numpy_helper.to_array(initializers[node.input[1]])
-            if shape.tolist() == [1, -1] and not any(a.name == "allowzero" and a.i for a in node.attribute):
-                initializers[node.input[1]].CopyFrom(
-                    onnx.numpy_helper.from_array(np.array([0, -1], shape.dtype), node.input[1]))
-                rewritten += 1
-    if rewritten:
-        print(f"{model.name}: rewrote {rewritten} Reshape shapes [1, -1] to [0, -1] to batch it", file=sys.stderr)
-    return rewritten
-
-
 def measure_defaults_layer(subject: Subject, model, role: str, node_name: str, ranges: dict, options) -> list[dict]:
     """The shipped default exactly as `onnxproxy maximize` runs it (maximize_units, method portfolio, Settings()'s
     defaults but steps/seeds/lr/range), and vanilla Adam and vanilla sgd with the same budget and starting inputs."""
     node = resolve_node(model, node_name)
-    target = prepare_target(model, node, Settings().backward_slope, "cpu")
-    if not accepts_batches(target) and batch_reshapes(model):
+    try:
         target = prepare_target(model, node, Settings().backward_slope, "cpu")
-    if not accepts_batches(target):
-        print(f"skipped {subject.name} {role}: the graph does not take a batch", file=sys.stderr)
+    except UserError as error:  # e.g. a graph that cannot run a batch: `onnxproxy maximize` refuses it too
+        print(f"skipped {subject.name} {role}: {error}", file=sys.stderr)
         return []
     objective = choose_objective(None, node.shape, None)
     units = sample_units(target.unit_count, options.units, seed=len(node.name))
@@ -342,7 +320,8 @@ def measure_defaults_layer(subject: Subject, model, role: str, node_name: str, r
                 records.append({"model": subject.name, "role": role, "node": node.name, "range": range_name,
                                 "unit": result.unit, "config": config, "value": result.onnxruntime_activation,
                                 "validated": result.validated, "initial": result.initial_activation,
-                                "won_by": result.won_by, "natural_max": natural[units.index(result.unit)]})
+                                "won_by": result.won_by, "best_seed": result.seed_index, "seeds": options.seeds,
+                                "natural_max": natural[units.index(result.unit)]})
     return records
 
 
@@ -363,6 +342,8 @@ def _defaults_units(records) -> dict:
     for record in records:  # keep the extra fields of the defaults run
         values = units[(record["model"], record["role"], record["range"], record["unit"])]
         values.setdefault("initial", {})[record["config"]] = record["initial"]
+        values.setdefault("best_seed", {})[record["config"]] = record.get("best_seed")
+        values["seeds"] = record.get("seeds")
         if record["config"] == DEFAULT_CONFIG:
             values["won_by"] = record["won_by"]
     return units
@@ -386,6 +367,11 @@ def defaults_report(records) -> str:
         chosen = [v for key, v in units.items() if range_name in ("all", key[2])]
         won = sum(v["won_by"] == "proxygrad" for v in chosen)
         overall.append([range_name, *_outcome_cells(chosen), _share(won, len(chosen))])
+    by_model = {}
+    for key, values in units.items():
+        by_model.setdefault(key[0], []).append(values)
+    per_model = [[model, *_outcome_cells(chosen), f"{sum(v['won_by'] == 'proxygrad' for v in chosen)}/{len(chosen)}"]
+                 for model, chosen in by_model.items()]
     per_layer = []
     for range_name in ranges:
         groups = {}
@@ -401,10 +387,16 @@ def defaults_report(records) -> str:
     stall_summary = (f"{len(stalled)} unit-range pairs where vanilla stalls; the default is higher on "
                      f"{sum(row[-1] == 'higher' for row in stalled)}, equal on "
                      f"{sum(row[-1] == 'equal' for row in stalled)}, lower on {sum(row[-1] == 'lower' for row in stalled)}")
+    lower = [v for v in units.values() if compare(v[DEFAULT_CONFIG], _best_vanilla(v)) < 0]
+    late_seed = [v for v in lower if v["seeds"] and v["best_seed"]["adam vanilla"] is not None
+                 and v["best_seed"]["adam vanilla"] >= v["seeds"] // 2 and v["adam vanilla"] >= v["sgd vanilla"]]
+    misses = (f"The default is lower than the best vanilla value on {len(lower)} unit-range pairs; on {len(late_seed)} of "
+              "them vanilla Adam found its best from a starting input that the portfolio gives to its ProxyGrad half.")
     return "\n\n".join([
         f"{len(units)} unit-range pairs; {len(unvalidated)} of {len(records)} best inputs failed onnxruntime validation",
         "### The default against the best of {vanilla sgd, vanilla adam}, overall",
-        _table(["range", *OUTCOME_HEADER, "won by the ProxyGrad half"], overall),
+        _table(["range", *OUTCOME_HEADER, "won by the ProxyGrad half"], overall), misses,
+        "### Per model (all layers, both ranges)", _table(["model", *OUTCOME_HEADER, "won by ProxyGrad"], per_model),
         "### Every configuration, per range", *(f"{r}:\n\n" + overall_table(records, r) for r in ranges),
         "### Per model and layer", _table(["model", "layer", "range", *OUTCOME_HEADER, "won by ProxyGrad"], per_layer),
         "### Where vanilla stalls", stall_summary,
