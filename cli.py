@@ -58,6 +58,8 @@ def _optimization_options(command):
                      show_default=True, help="sgd is the paper's update x <- clip(x + lr * grad)."),
         click.option("--seeds", type=int, default=Settings.seeds, show_default=True,
                      help="Independent starts per unit."),
+        click.option("--proxygrad-seeds", type=int, default=Settings.proxygrad_seeds, show_default=True,
+                     help="In a portfolio, how many of each unit's starts use ProxyGrad (the others vanilla)."),
         click.option("--seed", type=int, default=Settings.seed, show_default=True),
         click.option("--input-range", nargs=2, type=float, default=Settings.input_range, show_default=True,
                      metavar="LO HI", help="Box constraint on the model's input tensor."),
@@ -67,13 +69,13 @@ def _optimization_options(command):
     ]
 
     @functools.wraps(command)
-    def with_settings(*args, backward_slope, slope_schedule, steps, lr, optimizer, seeds, seed, input_range, device,
-                      atol, rtol, **kwargs):
+    def with_settings(*args, backward_slope, slope_schedule, steps, lr, optimizer, seeds, proxygrad_seeds, seed,
+                      input_range, device, atol, rtol, **kwargs):
         from onnxproxy.run import resolve_device
 
         settings = Settings(steps=steps, lr=lr, optimizer=optimizer, backward_slope=backward_slope,
-                            slope_schedule=slope_schedule, seeds=seeds, seed=seed, input_range=tuple(input_range),
-                            device=resolve_device(device), atol=atol, rtol=rtol)
+                            slope_schedule=slope_schedule, seeds=seeds, proxygrad_seeds=proxygrad_seeds, seed=seed,
+                            input_range=tuple(input_range), device=resolve_device(device), atol=atol, rtol=rtol)
         return command(*args, settings=settings, **kwargs)
 
     for option in reversed(options):
@@ -106,7 +108,8 @@ def inspect_command(model, node, as_json, input_shapes, input_name):
               help="channel mean (default for 4-D), one neuron (--position), or the unit of a (N, K) tensor.")
 @click.option("--position", help="Y,X of the neuron for --objective neuron (default: the centre).")
 @click.option("--method", type=click.Choice([*METHODS, "compare"]), default=METHODS[0], show_default=True,
-              help="portfolio: half the seeds vanilla, half ProxyGrad, the best kept (the benchmarks' winner); "
+              help="portfolio: most starts vanilla, --proxygrad-seeds with ProxyGrad, the best kept (the "
+                   "benchmarks' winner); "
                    "compare: vanilla and proxygrad side by side from the same starts and budget.")
 @_optimization_options
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder [default: runs/MODEL-NODE-TIME].")

@@ -177,7 +177,7 @@ class UnitResult:
     validated: bool | None = None
     status: str = "ok"  # ok | stopped (some seeds hit NaN or infinity) | nonfinite (no finite value at all)
     stopped_seeds: int = 0
-    won_by: str | None = None  # for a portfolio: which half of the seeds found the best input
+    won_by: str | None = None  # for a portfolio: whether a vanilla or a ProxyGrad start found the best input
 
     @property
     def key(self) -> str:
@@ -196,8 +196,10 @@ def _json_float(value):
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def best_per_unit(trajectory: Trajectory, units: list[int], seeds: int, method: str) -> list[UnitResult]:
-    """Rows are laid out unit-major (unit 0's seeds, then unit 1's...); keep each unit's best seed."""
+def best_per_unit(trajectory: Trajectory, units: list[int], seeds: int, method: str,
+                  vanilla_seeds: int = 0) -> list[UnitResult]:
+    """Rows are laid out unit-major (unit 0's seeds, then unit 1's...); keep each unit's best seed. In a
+    portfolio the first `vanilla_seeds` of each unit's seeds ran vanilla."""
     results = []
     for index, unit in enumerate(units):
         rows = slice(index * seeds, (index + 1) * seeds)
@@ -206,7 +208,7 @@ def best_per_unit(trajectory: Trajectory, units: list[int], seeds: int, method: 
         row = index * seeds + seed
         stopped_seeds = int(trajectory.stopped[rows].sum())
         status = "nonfinite" if not np.isfinite(values).any() else "stopped" if stopped_seeds else "ok"
-        won_by = ("vanilla" if portfolio_rows(seeds, seeds)[seed] else "proxygrad") if method == "portfolio" else None
+        won_by = ("vanilla" if seed < vanilla_seeds else "proxygrad") if method == "portfolio" else None
         results.append(UnitResult(unit, method, float(values[seed]), float(trajectory.initial_values[row]),
                                   int(trajectory.best_steps[row]), seed, trajectory.best_inputs[row],
                                   status=status, stopped_seeds=stopped_seeds, won_by=won_by))
@@ -246,7 +248,7 @@ def maximize_units(target: Target, objective: Objective, units: list[int], metho
         for method in methods:
             trajectory = _run_method(method, target, objective, row_units, start, settings, progress)
             zero_gradient |= trajectory.zero_gradient
-            by_method[method] = best_per_unit(trajectory, units, settings.seeds, method)
+            by_method[method] = best_per_unit(trajectory, units, settings.seeds, method, portfolio_vanilla_seeds(settings))
         results = [by_method[method][index] for index in range(len(units)) for method in methods]
         rescore_and_validate(target, objective, results, settings)
     return results, zero_gradient
@@ -263,18 +265,23 @@ def _run_method(method: str, target: Target, objective: Objective, row_units: li
 
 def optimizations(method: str, settings: Settings) -> int:
     """How many optimization runs of settings.steps a method takes (for progress bars)."""
-    return 2 if method == "portfolio" and settings.seeds >= 2 else 1
+    return 2 if method == "portfolio" and portfolio_vanilla_seeds(settings) else 1
 
 
-def portfolio_rows(rows: int, seeds: int) -> np.ndarray:
-    """Which rows of a unit-major batch run vanilla in a portfolio: the first half of each unit's seeds."""
-    return np.arange(rows) % seeds < seeds // 2
+def portfolio_vanilla_seeds(settings: Settings) -> int:
+    """How many of each unit's seeds a portfolio runs with ordinary gradients: all but settings.proxygrad_seeds."""
+    return max(0, settings.seeds - settings.proxygrad_seeds)
+
+
+def portfolio_rows(rows: int, settings: Settings) -> np.ndarray:
+    """Which rows of a unit-major batch run vanilla in a portfolio: the first seeds of each unit."""
+    return np.arange(rows) % settings.seeds < portfolio_vanilla_seeds(settings)
 
 
 def _portfolio(target, objective, row_units, start, settings, progress) -> Trajectory:
-    """The first half of each unit's seeds with ordinary gradients, the rest with ProxyGrad, at the budget of one
-    method; best_per_unit then keeps the better one by its true activation."""
-    vanilla_rows = portfolio_rows(len(row_units), settings.seeds)
+    """Each unit's first seeds with ordinary gradients, its last settings.proxygrad_seeds with ProxyGrad, at the
+    budget of one method; best_per_unit then keeps the best by its true activation."""
+    vanilla_rows = portfolio_rows(len(row_units), settings)
     parts = []
     for rows, slope in ((vanilla_rows, None), (~vanilla_rows, slope_schedule(settings))):
         if rows.any():

@@ -145,16 +145,25 @@ def test_portfolio_splits_each_units_seeds_between_vanilla_and_proxygrad(digits,
         return trajectory
 
     monkeypatch.setattr(maximize, "optimize", spy)
-    settings = Settings(steps=4, lr=0.05, optimizer="adam", seeds=4)
+    settings = Settings(steps=4, lr=0.05, optimizer="adam", seeds=4, proxygrad_seeds=1)
     start = maximize.starting_inputs(target.input_shape, 2 * settings.seeds, settings)
     results, _ = maximize_units(target, objective, [0, 5], ["portfolio"], settings, start=start)
 
     (vanilla_slope, vanilla_units, vanilla_start, vanilla_best), (proxy_slope, proxy_units, proxy_start, proxy_best) = calls
     assert vanilla_slope is None and callable(proxy_slope)
-    assert vanilla_units == proxy_units == [0, 0, 5, 5]
-    assert torch.equal(vanilla_start, start[[0, 1, 4, 5]]) and torch.equal(proxy_start, start[[2, 3, 6, 7]])
+    assert vanilla_units == [0, 0, 0, 5, 5, 5] and proxy_units == [0, 5]
+    assert torch.equal(vanilla_start, start[[0, 1, 2, 4, 5, 6]]) and torch.equal(proxy_start, start[[3, 7]])
     for index, result in enumerate(results):
-        halves = {"vanilla": vanilla_best[2 * index:2 * index + 2], "proxygrad": proxy_best[2 * index:2 * index + 2]}
+        halves = {"vanilla": vanilla_best[3 * index:3 * index + 3], "proxygrad": proxy_best[index:index + 1]}
         best_half = max(halves, key=lambda half: halves[half].max())
         assert result.method == "portfolio" and result.won_by == best_half
         assert result.activation == pytest.approx(float(halves[best_half].max()), rel=1e-5)
+
+
+def test_a_portfolio_with_as_many_proxygrad_seeds_as_seeds_is_proxygrad(digits):
+    target, objective = digits
+    settings = Settings(steps=3, lr=0.05, optimizer="adam", seeds=2, proxygrad_seeds=2)
+    (portfolio,), _ = maximize_units(target, objective, [1], ["portfolio"], settings)
+    (proxygrad,), _ = maximize_units(target, objective, [1], ["proxygrad"], settings)
+    assert portfolio.won_by == "proxygrad" and maximize.optimizations("portfolio", settings) == 1
+    assert portfolio.activation == proxygrad.activation
