@@ -125,8 +125,11 @@ def optimize(target: Target, objective: Objective, row_units: list[int], start: 
     best_steps = torch.zeros(rows, dtype=torch.long)
     alive = torch.ones(rows, dtype=torch.bool)
     initial_values, zero_gradient = None, False
+    slope = object()  # no slope yet: the first step always sets one
     for step in range(settings.steps + 1):
-        proxy.set_backward_slope(target.module, slope_at(step))
+        if slope_at(step) != slope:
+            slope = slope_at(step)
+            proxy.set_backward_slope(target.module, slope)
         values = objective.values(_first_output(target.module(x)), row_units)
         detached = values.detach().cpu()
         alive &= torch.isfinite(detached)
