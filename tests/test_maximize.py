@@ -80,21 +80,28 @@ def test_the_proxy_changes_the_gradient_not_the_value(digits):
     assert not torch.allclose(gradients[0], gradients[1])
 
 
-def test_compare_runs_both_methods_from_the_same_starts(digits, monkeypatch):
-    target, objective = digits
+@pytest.fixture
+def optimize_calls(monkeypatch):
+    """Every call of maximize.optimize: (backward_slope, row_units, start, trajectory)."""
     calls = []
     original_optimize = maximize.optimize
 
     def spy(target, objective, row_units, start, settings, backward_slope, progress=None):
         trajectory = original_optimize(target, objective, row_units, start, settings, backward_slope, progress)
-        calls.append((backward_slope, start.clone(), trajectory.initial_values))
+        calls.append((backward_slope, row_units, start.clone(), trajectory))
         return trajectory
 
     monkeypatch.setattr(maximize, "optimize", spy)
+    return calls
+
+
+def test_compare_runs_both_methods_from_the_same_starts(digits, optimize_calls):
+    target, objective = digits
     settings = Settings(steps=3, lr=0.05, optimizer="sgd", seeds=2)
     results, _ = maximize_units(target, objective, [0, 5], ["vanilla", "proxygrad"], settings)
 
-    (vanilla_slope, vanilla_start, vanilla_initial), (proxy_slope, proxy_start, proxy_initial) = calls
+    (vanilla_slope, _, vanilla_start, vanilla), (proxy_slope, _, proxy_start, proxied) = optimize_calls
+    vanilla_initial, proxy_initial = vanilla.initial_values, proxied.initial_values
     assert vanilla_slope is None
     assert [proxy_slope(step) for step in (0, 1, 2)] == [SLOPE, SLOPE * (1 - 1 / 1.5), None]  # decays by mid-run
     assert torch.equal(vanilla_start, proxy_start)
@@ -134,22 +141,14 @@ def test_slope_schedules():
     assert decay(5) is None and decay(9) is None  # the ordinary gradient from mid-run on
 
 
-def test_portfolio_splits_each_units_seeds_between_vanilla_and_proxygrad(digits, monkeypatch):
+def test_portfolio_splits_each_units_seeds_between_vanilla_and_proxygrad(digits, optimize_calls):
     target, objective = digits
-    calls = []
-    original_optimize = maximize.optimize
-
-    def spy(target, objective, row_units, start, settings, backward_slope, progress=None):
-        trajectory = original_optimize(target, objective, row_units, start, settings, backward_slope, progress)
-        calls.append((backward_slope, row_units, start.clone(), trajectory.best_values))
-        return trajectory
-
-    monkeypatch.setattr(maximize, "optimize", spy)
     settings = Settings(steps=4, lr=0.05, optimizer="adam", seeds=4, proxygrad_seeds=1)
     start = maximize.starting_inputs(target.input_shape, 2 * settings.seeds, settings)
     results, _ = maximize_units(target, objective, [0, 5], ["portfolio"], settings, start=start)
 
-    (vanilla_slope, vanilla_units, vanilla_start, vanilla_best), (proxy_slope, proxy_units, proxy_start, proxy_best) = calls
+    (vanilla_slope, vanilla_units, vanilla_start, vanilla), (proxy_slope, proxy_units, proxy_start, proxied) = optimize_calls
+    vanilla_best, proxy_best = vanilla.best_values, proxied.best_values
     assert vanilla_slope is None and callable(proxy_slope)
     assert vanilla_units == [0, 0, 0, 5, 5, 5] and proxy_units == [0, 5]
     assert torch.equal(vanilla_start, start[[0, 1, 2, 4, 5, 6]]) and torch.equal(proxy_start, start[[3, 7]])
