@@ -7,7 +7,6 @@ The result is a list of checks, rendered Polygraphy-style as text, as a JSON doc
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +15,12 @@ import numpy as np
 import onnx
 import torch
 
-from onnxproxy import run
+from onnxproxy import run, validate
+from onnxproxy.report import json_number, write_json
 from onnxproxy.errors import UserError
 from onnxproxy.graph import LoadedModel, TensorInfo, load_model, resolve_node, to_torch
 from onnxproxy.proxy import DOMAIN, build_proxy, count_dual_slope_nodes
 from onnxproxy.settings import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_BACKWARD_SLOPE, Settings
-from onnxproxy.validate import exposing, session
 
 
 @dataclass
@@ -68,9 +67,9 @@ class Difference:
     mean_rel: float
 
     def record(self) -> dict:
-        return {"max_abs_diff": _json_float(self.max_abs), "max_abs_diff_at": self.max_abs_at,
-                "mean_abs_diff": _json_float(self.mean_abs), "max_rel_diff": _json_float(self.max_rel),
-                "max_rel_diff_at": self.max_rel_at, "mean_rel_diff": _json_float(self.mean_rel)}
+        return {"max_abs_diff": json_number(self.max_abs), "max_abs_diff_at": self.max_abs_at,
+                "mean_abs_diff": json_number(self.mean_abs), "max_rel_diff": json_number(self.max_rel),
+                "max_rel_diff_at": self.max_rel_at, "mean_rel_diff": json_number(self.mean_rel)}
 
 
 @dataclass
@@ -156,7 +155,7 @@ class Report:
                 "mismatched": self.mismatched, "versions": run.versions()}
 
     def write_json(self, path: Path) -> None:
-        path.write_text(json.dumps(self.document(), indent=2) + "\n")
+        write_json(path, self.document())
 
     def write_junit(self, path: Path) -> None:
         """One testcase per check, so CI systems list them with their failures."""
@@ -174,10 +173,6 @@ class Report:
 
 def _status(passed: bool) -> str:
     return "PASSED" if passed else "FAILED"
-
-
-def _json_float(value: float):
-    return float(value) if np.isfinite(value) else None  # strict JSON has no inf or NaN
 
 
 def _describe_inputs(inputs: dict) -> str:
@@ -198,10 +193,9 @@ def within_tolerance(actual: np.ndarray, reference: np.ndarray, atol: float, rto
         absolute = _nan_as_inf(np.where(identical, 0.0, np.abs(actual - reference)))
         relative = _nan_as_inf(np.divide(absolute, magnitude, out=np.where(absolute == 0, 0.0, np.inf),
                                          where=magnitude > 0))
-        close = identical | (absolute <= atol + rtol * magnitude)
     difference = Difference(_max(absolute), _argmax(absolute), _mean(absolute),
                             _max(relative), _argmax(relative), _mean(relative))
-    return difference, bool(close.all())
+    return difference, bool(validate.close(actual, reference, atol, rtol).all())
 
 
 def _nan_as_inf(values: np.ndarray) -> np.ndarray:
@@ -288,7 +282,7 @@ def _torch_runner(module, names: list[str]):
 
 
 def _runtime_runner(model: onnx.ModelProto, input_name: str, names: list[str]):
-    runtime = session(exposing(model, names))
+    runtime = validate.session(validate.exposing(model, names))
     return lambda rows: dict(zip(names, runtime.run(names, {input_name: rows})))
 
 
@@ -356,7 +350,7 @@ def run_checks(path: Path, options: CheckOptions) -> Report:
     report.checks.append(rectifier_check)
     producers, finals = _producers(model.repaired), _final_outputs(model.repaired)
     exposed = [name for name in producers if name in tensors or name in finals]
-    module = _convert(exposing(model.repaired, exposed), "convert", report)
+    module = _convert(validate.exposing(model.repaired, exposed), "convert", report)
     runtime_values = _run(report, "onnxruntime", "the unchanged model in onnxruntime",
                           lambda: _runtime_runner(model.original, model.input.name, exposed), inputs, rows_per_run)
     if module is None or runtime_values is None:

@@ -354,7 +354,7 @@ def check_against_onnxruntime(loaded: LoadedModel, module, seed: int = 0) -> flo
     returns the largest absolute difference over the outputs, or raises naming the first one that diverges."""
     import torch
 
-    from onnxproxy.validate import exposing, session
+    from onnxproxy.validate import close, exposing, session
 
     feeds = sample_inputs(loaded.repaired, seed)
     names = [output.name for output in loaded.outputs]
@@ -369,7 +369,7 @@ def check_against_onnxruntime(loaded: LoadedModel, module, seed: int = 0) -> flo
             raise UserError(f"the torch conversion gives output '{name}' the shape {list(torch_value.shape)}, "
                             f"onnxruntime {list(runtime_value.shape)}")
         difference = np.abs(torch_value.astype(np.float64) - runtime_value.astype(np.float64))
-        if not np.isclose(torch_value, runtime_value, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, equal_nan=True).all():
+        if not close(torch_value, runtime_value).all():
             raise UserError(f"the torch conversion differs from onnxruntime at output '{name}': max abs diff "
                             f"{np.nanmax(difference):.3g} (atol {DEFAULT_ATOL}, rtol {DEFAULT_RTOL})")
         largest = max(largest, float(np.nanmax(difference, initial=0.0)))

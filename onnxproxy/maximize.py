@@ -4,6 +4,7 @@ validate the winners with onnxruntime on the unchanged model."""
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from onnxproxy import graph, proxy
+from onnxproxy import graph, proxy, report
 from onnxproxy.errors import UserError
 from onnxproxy.objectives import Objective, looks_like_units
 from onnxproxy.settings import Settings
@@ -32,6 +33,11 @@ class Target:
     @property
     def tensor(self) -> str:
         return self.node.output
+
+    @functools.cached_property
+    def scorer(self) -> TensorScorer:
+        """onnxruntime on the unchanged model, exposing this tensor: one session for all of the target's batches."""
+        return TensorScorer(self.model.original, self.model.input.name, self.tensor)
 
     @property
     def unit_count(self) -> int:
@@ -187,16 +193,12 @@ class UnitResult:
         return f"unit{self.unit:03d}_{self.method}"
 
     def record(self) -> dict:
-        return {"unit": self.unit, "method": self.method, "activation": _json_float(self.activation),
-                "onnxruntime_activation": _json_float(self.onnxruntime_activation), "validated": self.validated,
-                "initial_activation": _json_float(self.initial_activation), "best_step": self.best_step,
+        return {"unit": self.unit, "method": self.method, "activation": report.json_number(self.activation),
+                "onnxruntime_activation": report.json_number(self.onnxruntime_activation), "validated": self.validated,
+                "initial_activation": report.json_number(self.initial_activation), "best_step": self.best_step,
                 "best_seed": self.seed_index, "status": self.status, "stopped_seeds": self.stopped_seeds,
                 "image": f"{self.key}.png", "input": self.key,
                 **({"won_by": self.won_by} if self.won_by else {})}
-
-
-def _json_float(value):
-    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def best_per_unit(trajectory: Trajectory, units: list[int], seeds: int, method: str,
@@ -229,10 +231,9 @@ def rescore_and_validate(target: Target, objective: Objective, results: list[Uni
     with torch.no_grad():
         output = _first_output(target.module(torch.from_numpy(inputs).to(settings.device)))
         torch_values = objective.values(output, units).cpu().numpy()
-    runtime_values = objective.values(TensorScorer(target.model.original, target.model.input.name,
-                                                   target.tensor)(inputs), units)
-    agreement = agree(torch_values, runtime_values, settings.atol, settings.rtol)
-    for result, torch_value, runtime_value, ok in zip(scored, torch_values, runtime_values, agreement.validated):
+    runtime_values = objective.values(target.scorer(inputs), units)
+    validated = agree(torch_values, runtime_values, settings.atol, settings.rtol)
+    for result, torch_value, runtime_value, ok in zip(scored, torch_values, runtime_values, validated):
         result.activation, result.onnxruntime_activation = float(torch_value), float(runtime_value)
         result.validated = ok
 

@@ -46,6 +46,11 @@ def atomic_dir(out_dir: Path):
     os.replace(staging, out_dir)
 
 
+def json_number(value):
+    """A float for strict JSON, which has no NaN or infinity: those, and None, become null."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
 def write_json(path: Path, document: dict):
     """Write JSON atomically (temp file + rename in the same folder)."""
     temporary = path.with_name(f".{path.name}.tmp")

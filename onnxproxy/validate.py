@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 import onnxruntime
@@ -43,17 +41,16 @@ class TensorScorer:
         return np.concatenate(rows, axis=0)
 
 
-@dataclass
-class Agreement:
-    max_abs_diff: float
-    validated: list[bool]
+def close(actual, reference, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> np.ndarray:
+    """Elementwise |actual - reference| <= atol + rtol * |reference| (Polygraphy's criterion); identical values,
+    the same infinity or both NaN, count as close."""
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    identical = (actual == reference) | (np.isnan(actual) & np.isnan(reference))
+    with np.errstate(invalid="ignore"):
+        return identical | (np.abs(actual - reference) <= atol + rtol * np.abs(reference))
 
 
-def agree(torch_values: np.ndarray, runtime_values: np.ndarray, atol: float = DEFAULT_ATOL,
-          rtol: float = DEFAULT_RTOL) -> Agreement:
-    """Per value: |torch - onnxruntime| <= atol + rtol * |onnxruntime| (non-finite values never agree)."""
-    torch_values, runtime_values = np.asarray(torch_values, float), np.asarray(runtime_values, float)
-    difference = np.abs(torch_values - runtime_values)
-    ok = np.isfinite(difference) & (difference <= atol + rtol * np.abs(runtime_values))
-    finite = difference[np.isfinite(difference)]
-    return Agreement(float(finite.max()) if finite.size else float("nan"), [bool(value) for value in ok])
+def agree(torch_values, runtime_values, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> list[bool]:
+    """Per activation: torch and onnxruntime are close, and finite (a NaN or infinite value is never validated)."""
+    finite = np.isfinite(np.asarray(torch_values, np.float64)) & np.isfinite(np.asarray(runtime_values, np.float64))
+    return [bool(value) for value in close(torch_values, runtime_values, atol, rtol) & finite]
